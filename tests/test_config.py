@@ -1,0 +1,84 @@
+"""Config: YAML + dotted overrides, rejection of bad keys, types and combinations."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from timellm_lib.config import Config, ConfigError, check_llm_dim, load_config, parse_override
+
+
+def test_defaults_file_then_overrides_take_precedence(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"lr": 0.01, "epochs": 4}, "model": {"d_ff": 64}}))
+    cfg = load_config(path, ["train.lr=5e-4", "model.use_tapr=true", "data.split=[0.6,0.2,0.2]"])
+    assert cfg.train.lr == 5e-4 and cfg.train.epochs == 4  # override beats file, file beats default
+    assert cfg.model.d_ff == 64 and cfg.model.use_tapr is True
+    assert cfg.data.split == (0.6, 0.2, 0.2)
+    assert cfg.data.seq_len == Config().data.seq_len
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(overrides=["train.lr=0.002", "run.experiment=x"])
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.lrr=1", ["train.lrr", "allowed keys", "lr"]),
+        ("trian.lr=1", ["trian", "allowed sections"]),
+        ("train.lr=abc", ["train.lr", "number"]),
+        ("train.epochs=2.5", ["train.epochs", "integer"]),
+        ("model.use_tapr=yes please", ["model.use_tapr", "true or false"]),
+        ("model.fusion=sometimes", ["model.fusion", "train_only", "always", "off"]),
+        ("data.pred_len=0", ["data.pred_len", "at least 1"]),
+        ("data.seq_len=8", ["data.seq_len", "model.patch_len"]),
+        ("model.stride=32", ["model.stride", "patch_len"]),
+        ("data.split=[0.5,0.1,0.1]", ["data.split", "add up to 1"]),
+        ("run.experiment=../x", ["run.experiment", "plain name"]),
+        ("lr=1", ["section.key"]),
+    ],
+)
+def test_bad_values_name_the_key_and_the_allowed_values(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_d_ff_larger_than_the_backbone_width_is_rejected():
+    cfg = load_config(overrides=["model.d_ff=512"])
+    with pytest.raises(ConfigError, match="d_ff = 512 exceeds the backbone width llm_dim = 384"):
+        check_llm_dim(cfg, 384)
+    check_llm_dim(load_config(overrides=["model.d_ff=384"]), 384)
+
+
+def test_override_values_are_read_as_yaml():
+    assert parse_override("train.lr=5e-4") == ("train.lr", 5e-4)
+    assert parse_override("model.use_gram=false") == ("model.use_gram", False)
+    assert parse_override("model.description=hello world") == ("model.description", "hello world")
+
+
+def test_missing_and_malformed_files_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_shipped_configs_load(repo_root):
+    paths = sorted((repo_root / "configs").rglob("*.yaml"))
+    assert {"default.yaml", "smoke.yaml", "etth1_512_96.yaml"} <= {p.name for p in paths}
+    for path in paths:
+        if path.name.endswith("_params.yaml"):
+            continue  # papermill parameter files, not configs
+        load_config(path)
+    protocol = load_config(repo_root / "configs/etth1_512_96.yaml")
+    d, m = protocol.data, protocol.model
+    assert (d.seq_len, d.label_len, d.pred_len, d.features) == (512, 48, 96, "M")
+    assert (m.patch_len, m.stride, m.d_model, m.d_ff) == (16, 8, 32, 128)

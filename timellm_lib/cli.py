@@ -1,0 +1,108 @@
+"""The ``timellm`` command: train, inspect, eval, predict, trace, plot and batch runs.
+
+Bad input (any :class:`WorkbenchError`) is printed as one paragraph naming the problem and the
+fix, with exit code 2 and no traceback unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from collections.abc import Sequence
+
+from timellm_lib.config import load_config
+from timellm_lib.errors import WorkbenchError
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (defaults fill the rest)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. --set train.lr=5e-4 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="timellm", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for bad input")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train or resume a run")
+    _add_config_args(p)
+    p.add_argument("--run-dir", help="run directory (default outputs/<experiment>/<run_id>)")
+    p.add_argument("--resume", help="auto | last | best | PATH to a checkpoint")
+    p.add_argument("--max-steps", type=int, help="stop (after a checkpoint) at this global_step")
+    p.add_argument("--resume-new-lr", action="store_true", help="keep moments, use config lr")
+    p.add_argument("--resume-reset-scheduler", action="store_true", help="rebuild the scheduler")
+    p.add_argument("--resume-counter", type=int, help="override the EarlyStopping counter")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("inspect", help="show a checkpoint's fields, sizes and digests")
+    p.add_argument("checkpoint")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("trace", help="stage-by-stage tensor shapes of the model")
+    _add_config_args(p)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from timellm_lib.training import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(
+        cfg,
+        run_dir=args.run_dir,
+        resume=args.resume,
+        max_steps=args.max_steps,
+        resume_new_lr=args.resume_new_lr,
+        resume_reset_scheduler=args.resume_reset_scheduler,
+        resume_counter=args.resume_counter,
+        progress=not args.no_progress,
+    )
+    print(result.summary())
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from timellm_lib.training.checkpoint import describe_checkpoint, format_description
+
+    info = describe_checkpoint(args.checkpoint)
+    print(json.dumps(info, indent=2) if args.json else format_description(info))
+    return 0
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from timellm_lib.tracing import format_trace, trace_shapes
+
+    cfg = load_config(args.config, args.overrides)
+    rows = trace_shapes(cfg, batch_size=args.batch_size)
+    print(json.dumps(rows, indent=2) if args.json else format_trace(rows))
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "inspect": _cmd_inspect, "trace": _cmd_trace}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except WorkbenchError as err:
+        if args.debug:
+            raise
+        message = textwrap.fill(str(err), width=100)
+        print(f"timellm {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

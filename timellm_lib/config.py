@@ -1,0 +1,374 @@
+"""Run configuration: typed dataclasses, YAML loading, dotted overrides, validation.
+
+Every run is described by one :class:`Config` (data, model, train, run sections). It is
+resolved once, before anything runs, so that a typo or an impossible combination fails in
+milliseconds with a message naming the key, instead of an hour into training. The resolved
+config (every default filled in) is written as ``config.yaml`` into the run directory and
+stored in each checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from timellm_lib.errors import WorkbenchError
+
+
+class ConfigError(WorkbenchError, ValueError):
+    """A config value is unknown, of the wrong type or impossible; the message says the fix."""
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic", "ett", "csv"] = "synthetic"  # synthetic is written to data/
+    path: str = "data/synthetic_ett.csv"  # CSV file (ETT or generic); synthetic is written here
+    freq: Literal["h", "15min"] = "h"  # ETTh* (hourly) or ETTm* (15 minutes): borders, time features
+    features: Literal["M", "S", "MS"] = "M"  # M: all->all, S: target->target, MS: all->target
+    target: str = "OT"
+    date_column: str = "date"
+    seq_len: int = 512
+    label_len: int = 48
+    pred_len: int = 96
+    percent: int = 100  # few-shot: percentage of the training windows used
+    split: tuple[float, float, float] = (0.7, 0.1, 0.2)  # generic CSV train/val/test fractions
+    synthetic_rows: int = 17420
+    synthetic_seed: int = 0
+    batch_size: int = 8
+    eval_batch_size: int = 32
+    num_workers: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["timellm", "dlinear", "mlp"] = "timellm"  # mlp: tiny, fast baseline
+    backbone: str = "minilm"  # minilm | tiny-random-gpt2 | a Hugging Face id or local directory
+    llm_layers: int = 0  # 0 keeps every layer of the backbone; N truncates to the first N
+    patch_len: int = 16
+    stride: int = 8
+    d_model: int = 32
+    d_ff: int = 128
+    n_heads: int = 8
+    num_tokens: int = 1000  # text prototypes the patches are reprogrammed onto
+    dropout: float = 0.1
+    description: str = (
+        "The Electricity Transformer Temperature (ETT) is a crucial indicator in the "
+        "electric power long-term deployment."
+    )
+    top_k_lags: int = 5
+    prompt_format: Literal["compact", "published"] = "compact"  # compact rounds statistics
+    prompt_precision: int = 3  # significant digits of prompt statistics (compact format)
+    backbone_dropout: bool = False  # the published code leaves dropout active in the frozen LM
+    # enhanced model (TAPR, GRA-M) and LLM ablations
+    use_tapr: bool = False
+    use_gram: bool = False
+    n_scales: int = 3
+    top_k: int = 5
+    d_repr: int = 64
+    lambda_trend: float = 0.5
+    lambda_retrieval: float = 0.3
+    build_memory: bool = True
+    max_memory_size: int = 10000
+    memory_windows: int = 5000
+    fusion: Literal["train_only", "always", "off"] = "always"
+    llm_ablation: Literal["none", "no_llm", "llm2attn", "llm2trsf"] = "none"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 1e-3
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = 0.0
+    scheduler: Literal["constant", "step", "cosine", "onecycle", "type1", "type3"] = "constant"
+    step_size: int = 1  # epochs between decays of the step scheduler
+    gamma: float = 0.5
+    pct_start: float = 0.2  # onecycle warm-up fraction
+    patience: int = 3
+    delta: float = 0.0
+    save_steps: int = 0  # 0: step checkpoints only at epoch ends
+    save_total_limit: int = 3  # step checkpoints kept (best.pt and the newest always kept)
+    eval_steps: int = 0  # 0: validate at epoch ends only
+    log_steps: int = 10
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    ema_decay: float = 0.0  # 0 disables EMA
+    eval_with_ema: bool = False
+    grad_accum: int = 1
+    grad_clip: float = 0.0  # 0 disables clipping
+    aux_warmup_steps: int = 500
+    seed: int = 2021
+    threads: int = 0  # 0 leaves torch's thread count alone
+    on_nan: Literal["stop", "skip", "reload"] = "stop"
+
+
+@dataclass
+class RunConfig:
+    experiment: str = "default"
+    run_id: str = ""  # empty: a timestamped id is chosen when the run starts
+    output_dir: str = "outputs"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples become lists so the dict survives YAML and ``torch.load(weights_only=True)``."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------------- loading
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Config:
+    """Build a validated Config from a YAML file, a dict and ``KEY=VALUE`` overrides.
+
+    Precedence: defaults < file < ``extra`` (nested dict) < ``overrides`` (dotted strings).
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        raw = loaded
+    if extra:
+        raw = _merge(raw, extra)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        raw = _merge(raw, _nest(key, value))
+    return config_from_dict(raw)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``section.key=value``; the value is read as YAML (``true``, ``5e-4``, ``[1,2]``)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=5e-4")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if key.count(".") != 1:
+        raise ConfigError(
+            f"override key {key!r} must be section.key with section one of {_section_names()}"
+        )
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    # YAML 1.1 reads 5e-4 as a string; numbers written that way are meant as floats
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else value
+        except ValueError:
+            pass
+    return key, value
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Type-check every key, fill defaults, then check combinations."""
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = set(raw) - set(sections)
+    if unknown:
+        raise ConfigError(
+            f"unknown config section(s) {sorted(unknown)}; allowed sections: {_section_names()}"
+        )
+    built = {}
+    for name, f in sections.items():
+        cls = f.default_factory  # type: ignore[misc]
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {name!r} must be a mapping of keys to values")
+        built[name] = _build_section(name, cls, values)
+    cfg = Config(**built)
+    validate(cfg)
+    return cfg
+
+
+def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(
+                f"unknown config key {section}.{key}; allowed keys in {section}: {allowed}"
+            )
+        kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {list(choices)}")
+        return value
+    if origin is tuple:
+        item_type = typing.get_args(hint)[0]
+        n = len(typing.get_args(hint))
+        if not isinstance(value, list | tuple) or len(value) != n:
+            raise ConfigError(f"{key} must be a list of {n} numbers, got {value!r}")
+        return tuple(_coerce(key, v, item_type) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: config field type {hint} is not handled by _coerce")
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible combinations before anything runs."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    for key, value in [
+        ("data.seq_len", d.seq_len),
+        ("data.pred_len", d.pred_len),
+        ("data.batch_size", d.batch_size),
+        ("data.eval_batch_size", d.eval_batch_size),
+        ("model.patch_len", m.patch_len),
+        ("model.stride", m.stride),
+        ("model.d_model", m.d_model),
+        ("model.d_ff", m.d_ff),
+        ("model.n_heads", m.n_heads),
+        ("model.num_tokens", m.num_tokens),
+        ("model.n_scales", m.n_scales),
+        ("model.top_k", m.top_k),
+        ("model.d_repr", m.d_repr),
+        ("train.epochs", t.epochs),
+        ("train.grad_accum", t.grad_accum),
+        ("train.log_steps", t.log_steps),
+        ("train.patience", t.patience),
+        ("train.step_size", t.step_size),
+        ("model.prompt_precision", m.prompt_precision),
+    ]:
+        need(value >= 1, f"{key} = {value} must be at least 1")
+    for key, value in [
+        ("data.label_len", d.label_len),
+        ("data.num_workers", d.num_workers),
+        ("model.llm_layers", m.llm_layers),
+        ("model.top_k_lags", m.top_k_lags),
+        ("train.save_steps", t.save_steps),
+        ("train.save_total_limit", t.save_total_limit),
+        ("train.eval_steps", t.eval_steps),
+        ("train.aux_warmup_steps", t.aux_warmup_steps),
+        ("train.threads", t.threads),
+        ("train.lr", t.lr),
+        ("train.weight_decay", t.weight_decay),
+        ("train.grad_clip", t.grad_clip),
+        ("train.delta", t.delta),
+        ("model.lambda_trend", m.lambda_trend),
+        ("model.lambda_retrieval", m.lambda_retrieval),
+    ]:
+        need(value >= 0, f"{key} = {value} must not be negative")
+    need(t.lr > 0, f"train.lr = {t.lr} must be positive")
+    need(
+        d.seq_len >= m.patch_len,
+        f"data.seq_len = {d.seq_len} is shorter than model.patch_len = {m.patch_len}; "
+        "raise seq_len or lower patch_len",
+    )
+    need(
+        m.stride <= m.patch_len,
+        f"model.stride = {m.stride} exceeds model.patch_len = {m.patch_len}; "
+        "patches would skip time steps",
+    )
+    need(
+        d.label_len <= d.seq_len,
+        f"data.label_len = {d.label_len} exceeds data.seq_len = {d.seq_len}",
+    )
+    need(0 < d.percent <= 100, f"data.percent = {d.percent} must be in 1..100")
+    need(
+        abs(sum(d.split) - 1.0) < 1e-6 and all(s > 0 for s in d.split),
+        f"data.split = {list(d.split)} must be three positive fractions that add up to 1",
+    )
+    need(0.0 <= m.dropout < 1.0, f"model.dropout = {m.dropout} must be in [0, 1)")
+    need(0.0 <= t.ema_decay < 1.0, f"train.ema_decay = {t.ema_decay} must be in [0, 1)")
+    need(0.0 < t.pct_start < 1.0, f"train.pct_start = {t.pct_start} must be in (0, 1)")
+    need(0.0 < t.gamma <= 1.0, f"train.gamma = {t.gamma} must be in (0, 1]")
+    need(
+        m.memory_windows <= m.max_memory_size,
+        f"model.memory_windows = {m.memory_windows} exceeds model.max_memory_size = "
+        f"{m.max_memory_size}",
+    )
+    need(bool(cfg.run.experiment.strip()), "run.experiment must not be empty")
+    for key, value in [("run.experiment", cfg.run.experiment), ("run.run_id", cfg.run.run_id)]:
+        need(
+            "/" not in value and "\\" not in value and value not in {".", ".."},
+            f"{key} = {value!r} must be a plain name (no path separators)",
+        )
+    # d_ff > llm_dim is checked when the backbone is loaded: llm_dim comes from its config.
+
+
+def check_llm_dim(cfg: Config, llm_dim: int) -> None:
+    """The model keeps the first d_ff features of the LLM output, so d_ff <= llm_dim."""
+    if cfg.model.d_ff > llm_dim:
+        raise ConfigError(
+            f"model.d_ff = {cfg.model.d_ff} exceeds the backbone width llm_dim = {llm_dim} of "
+            f"{cfg.model.backbone!r}; set model.d_ff to at most {llm_dim}"
+        )
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(cfg.to_yaml())
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    section, key = dotted.split(".", 1)
+    return {section: {key: value}}
+
+
+def _section_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]

@@ -1,0 +1,28 @@
+"""Forecasting models: Time-LLM (baseline and enhanced) and small baselines."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from timellm_lib.config import Config
+from timellm_lib.models.output import Forecast, as_forecast
+
+__all__ = ["Forecast", "as_forecast", "build_model"]
+
+
+def build_model(cfg: Config, n_in: int, n_out: int) -> nn.Module:
+    """The model named by ``cfg.model.name`` for ``n_in`` input and ``n_out`` output channels."""
+    name = cfg.model.name
+    if name == "timellm":
+        from timellm_lib.models.timellm import TimeLLM
+
+        return TimeLLM(cfg, n_in, n_out)
+    if name == "dlinear":
+        from timellm_lib.models.baselines import DLinear
+
+        return DLinear(cfg, n_in, n_out)
+    if name == "mlp":
+        from timellm_lib.models.baselines import MLP
+
+        return MLP(cfg, n_in, n_out)
+    raise ValueError(f"model.name {name!r} has no builder")  # config validation prevents this
