@@ -1,0 +1,31 @@
+"""Data layer: read and validate a series, split it, scale it, and serve windows.
+
+``build_datasets(cfg.data)`` is the one entry point training needs; ``read_series`` reads
+any configured CSV (also user files for predict), ``generate_synthetic`` makes the default
+ETT-like series. The resumable sampler lives in :mod:`timellm_lib.data.sampler`.
+"""
+
+from timellm_lib.data.loaders import (
+    Datasets,
+    build_datasets,
+    read_series,
+    split_borders,
+    uses_ett_borders,
+)
+from timellm_lib.data.synthetic import ensure_synthetic_csv, generate_synthetic
+from timellm_lib.data.timefeatures import time_features
+from timellm_lib.data.windows import DataError, Scaler, WindowDataset
+
+__all__ = [
+    "DataError",
+    "Datasets",
+    "Scaler",
+    "WindowDataset",
+    "build_datasets",
+    "ensure_synthetic_csv",
+    "generate_synthetic",
+    "read_series",
+    "split_borders",
+    "time_features",
+    "uses_ett_borders",
+]
