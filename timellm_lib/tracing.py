@@ -1,0 +1,100 @@
+"""Stage-by-stage tensor shapes of a model, measured by forward hooks on one real pass.
+
+A model lists its stages with ``trace_stages()`` (submodule path -> (stage name, note)), in
+forward order; stages that are not modules of their own are ``Tap`` submodules called on
+the tensor. The tracer hooks each listed module, runs one forward pass on random input and
+records every call in execution order, so the shapes are never written by hand and a model
+that adds stages (TAPR, GRA-M) only has to extend ``trace_stages()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from timellm_lib.config import Config
+from timellm_lib.models import as_forecast, build_model
+from timellm_lib.models.output import Forecast
+
+
+def trace_shapes(cfg: Config, batch_size: int = 32, n_channels: int | None = None) -> list[dict]:
+    """Rows ``{"stage", "module", "shape", "note"}`` of one forward pass, in execution order.
+
+    The input is random [batch_size, seq_len, n_in] with n_in = n_channels (default 7) for
+    features M and MS and 1 for S. The caller's random state is left untouched.
+    """
+    n_channels = 7 if n_channels is None else n_channels
+    features = cfg.data.features
+    n_in = 1 if features == "S" else n_channels
+    n_out = n_channels if features == "M" else 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_model(cfg, n_in, n_out)
+        return trace_model(model, torch.randn(batch_size, cfg.data.seq_len, n_in))
+
+
+def trace_model(model: nn.Module, x: Tensor) -> list[dict]:
+    """Trace one forward pass of ``model`` (in eval mode, without gradients) on ``x``.
+
+    Every stage listed by ``model.trace_stages()`` gets a row each time it runs; a model
+    without that method gets only the input and output rows.
+    """
+    rows = [_row("Input", "", x, "model input")]
+    handles = []
+    for path, (stage, note) in _stages(model).items():
+        module = model.get_submodule(path)
+        label = f"{path} ({type(module).__name__})"
+        handles.append(module.register_forward_hook(_recorder(rows, stage, label, note)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = as_forecast(model(x))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    rows.append(_row("Output", "", out.pred, "forecast"))
+    return rows
+
+
+def format_trace(rows: list[dict]) -> str:
+    """A plain-text table of trace rows."""
+    header = {"stage": "stage", "module": "module", "shape": "shape", "note": "note"}
+    cells = [header] + [{**row, "shape": _shape_text(row["shape"])} for row in rows]
+    widths = {key: max(len(str(c[key])) for c in cells) for key in header}
+    lines = ["  ".join(str(c[key]).ljust(widths[key]) for key in header).rstrip() for c in cells]
+    lines.insert(1, "  ".join("-" * widths[key] for key in header))
+    return "\n".join(lines)
+
+
+def _stages(model: nn.Module) -> dict[str, tuple[str, str]]:
+    trace_stages = getattr(model, "trace_stages", None)
+    return trace_stages() if callable(trace_stages) else {}
+
+
+def _recorder(rows: list[dict], stage: str, label: str, note: str) -> Callable:
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        rows.append(_row(stage, label, _first_tensor(output), note))
+
+    return hook
+
+
+def _first_tensor(output: Any) -> Tensor:
+    """The tensor a stage produced (a module may return a tuple, e.g. RevIN's statistics)."""
+    if isinstance(output, Forecast):
+        return output.pred
+    if isinstance(output, list | tuple):
+        return next(o for o in output if isinstance(o, Tensor))
+    return output
+
+
+def _row(stage: str, module: str, tensor: Tensor, note: str) -> dict:
+    return {"stage": stage, "module": module, "shape": list(tensor.shape), "note": note}
+
+
+def _shape_text(shape: list[int] | str) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]" if isinstance(shape, list) else str(shape)
