@@ -21,9 +21,11 @@ def test_tiny_gpt2_is_frozen_left_padded_and_read_from_its_config():
     assert b.word_embeddings.shape == (len(b.tokenizer), b.llm_dim) and len(b.tokenizer) < 300
     assert not any(p.requires_grad for p in b.model.parameters())
     assert not b.model.training
-    enc = b.tokenizer(["a longer prompt", "short"], padding=True, return_tensors="pt")
-    assert enc["attention_mask"][1].tolist()[:10] == [0] * 10  # padded on the left
-    assert b.tokenizer.decode(enc["input_ids"][0]) == "a longer prompt"
+    enc = b.tokenizer(["forecast the next steps xyz", "lags"], padding=True, return_tensors="pt")
+    long, short = enc["attention_mask"].sum(dim=1).tolist()
+    assert long == 7 and short == 1  # template words are one token; unknown words are characters
+    assert enc["attention_mask"][1].tolist() == [0] * 6 + [1]  # padded on the left
+    assert b.tokenizer.decode(enc["input_ids"][0]) == "forecast the next steps xyz"
 
 
 def test_tiny_gpt2_is_cached_reproducible_and_leaves_the_global_rng_alone():
@@ -41,7 +43,7 @@ def test_tiny_gpt2_is_cached_reproducible_and_leaves_the_global_rng_alone():
 def test_local_directory_reads_dims_from_config_and_truncates(tmp_path):
     tiny = load_backbone("tiny-random-gpt2")
     tiny.model.save_pretrained(tmp_path)
-    tokenizer = backbones._byte_tokenizer()
+    tokenizer = backbones._tiny_tokenizer()
     tokenizer.pad_token = None  # like GPT-2 and LLaMA tokenizers
     tokenizer.save_pretrained(tmp_path)
     full = load_backbone(str(tmp_path))
@@ -67,7 +69,7 @@ def test_a_model_without_sdpa_support_loads_with_its_default_attention(tmp_path)
         num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
     )  # fmt: skip
     ConvBertModel(config).save_pretrained(tmp_path)
-    backbones._byte_tokenizer().save_pretrained(tmp_path)
+    backbones._tiny_tokenizer().save_pretrained(tmp_path)
     b = load_backbone(str(tmp_path))
     assert b.model.config._attn_implementation == "eager"
     assert (b.llm_dim, b.n_layers, b.max_positions, b.is_causal) == (32, 2, 64, False)

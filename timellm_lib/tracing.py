@@ -9,6 +9,7 @@ that adds stages (TAPR, GRA-M) only has to extend ``trace_stages()``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,6 @@ from torch import Tensor, nn
 
 from timellm_lib.config import Config
 from timellm_lib.models import as_forecast, build_model
-from timellm_lib.models.output import Forecast
 
 
 def trace_shapes(cfg: Config, batch_size: int = 32, n_channels: int | None = None) -> list[dict]:
@@ -84,9 +84,11 @@ def _recorder(rows: list[dict], stage: str, label: str, note: str) -> Callable:
 
 
 def _first_tensor(output: Any) -> Tensor:
-    """The tensor a stage produced (a module may return a tuple, e.g. RevIN's statistics)."""
-    if isinstance(output, Forecast):
-        return output.pred
+    """The tensor a stage produced: a module may return a tuple (RevIN's statistics, TAPR-DM's
+    trends) or a dataclass (Forecast, GRA-M's fusion); the first tensor in it is the stage's
+    main output."""
+    if dataclasses.is_dataclass(output):
+        output = [getattr(output, f.name) for f in dataclasses.fields(output)]
     if isinstance(output, list | tuple):
         return next(o for o in output if isinstance(o, Tensor))
     return output

@@ -14,9 +14,13 @@ def build_model(cfg: Config, n_in: int, n_out: int) -> nn.Module:
     """The model named by ``cfg.model.name`` for ``n_in`` input and ``n_out`` output channels."""
     name = cfg.model.name
     if name == "timellm":
+        if cfg.model.use_tapr or cfg.model.use_gram:
+            from timellm_lib.models.enhanced import EnhancedTimeLLM
+
+            return EnhancedTimeLLM(cfg, n_in, n_out)
         from timellm_lib.models.timellm import TimeLLM
 
-        return TimeLLM(cfg, n_in, n_out)
+        return TimeLLM(cfg, n_in, n_out)  # baseline, or one of its LLM ablations
     if name == "dlinear":
         from timellm_lib.models.baselines import DLinear
 

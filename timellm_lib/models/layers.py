@@ -1,4 +1,5 @@
-"""The trainable stages of Time-LLM: instance norm, patching, reprogramming, output head.
+"""The trainable stages of Time-LLM: instance norm, patching, reprogramming, output head,
+and the stand-ins that replace the language model in the LLM ablations.
 
 Each stage is its own module so that the shape tracer (``timellm_lib.tracing``) can hook it,
 and so that the enhanced model can reuse it. Stages that are only tensor reshapes are made
@@ -44,6 +45,21 @@ class RevIN(nn.Module):
     @staticmethod
     def denormalize(y: Tensor, mean: Tensor, std: Tensor) -> Tensor:
         return y * std + mean
+
+
+def channel_rows(x: Tensor) -> Tensor:
+    """``[B, T, N] -> [B*N, T]``: row ``b*N + n`` is channel ``n`` of sample ``b``.
+
+    The channel-independent layout every per-series stage works in (patching, prompts,
+    TAPR, GRA-M); a plain ``reshape(B*N, T)`` would mix time steps and channels.
+    """
+    batch, length, channels = x.shape
+    return x.transpose(1, 2).reshape(batch * channels, length)
+
+
+def rows_to_channels(rows: Tensor, batch_size: int) -> Tensor:
+    """Inverse of :func:`channel_rows`: ``[B*N, T] -> [B, T, N]``."""
+    return rows.reshape(batch_size, -1, rows.shape[-1]).transpose(1, 2)
 
 
 def n_patches(seq_len: int, patch_len: int, stride: int) -> int:
@@ -147,3 +163,46 @@ class FlattenHead(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         # feature-major flattening, as in the published head (input [.., d_ff, P])
         return self.dropout(self.linear(hidden.transpose(1, 2).flatten(1)))
+
+
+# ------------------------------------------------- stand-ins for the LLM (Tan et al., 2024)
+
+
+class AttentionStandIn(nn.Module):
+    """LLM2Attn: one randomly initialised, trainable multi-head self-attention layer
+    (with residual and LayerNorm) in place of the frozen language model.
+
+    Same interface as ``Backbone.encode``: embeddings [M, T, width] and attention mask
+    [M, T] (0 = padding) -> hidden states [M, T, width]. Attention is bidirectional and there
+    are no position embeddings, as in the ablation of Tan et al. (NeurIPS 2024).
+    """
+
+    def __init__(self, width: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(width, n_heads, dropout=dropout, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, embeds: Tensor, mask: Tensor) -> Tensor:
+        padding = mask == 0
+        attended, _ = self.attention(
+            embeds, embeds, embeds, key_padding_mask=padding, need_weights=False
+        )
+        return self.norm(embeds + self.dropout(attended))
+
+
+class TransformerStandIn(nn.Module):
+    """LLM2Trsf: one randomly initialised, trainable Transformer encoder block (attention and
+    a 4x-wide GELU MLP, post-norm) in place of the frozen language model.
+
+    Same interface as :class:`AttentionStandIn`.
+    """
+
+    def __init__(self, width: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.block = nn.TransformerEncoderLayer(
+            width, n_heads, 4 * width, dropout, activation="gelu", batch_first=True
+        )
+
+    def forward(self, embeds: Tensor, mask: Tensor) -> Tensor:
+        return self.block(embeds, src_key_padding_mask=mask == 0)

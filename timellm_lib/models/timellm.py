@@ -12,6 +12,20 @@ with an attention mask and mask-derived positions, so the patches are always the
 positions and padding does not change any result; no hard-coded bfloat16; the frozen LLM is
 kept out of the module tree (never in ``state_dict``, optimizers or DDP); dropout in the
 frozen LLM is off unless ``model.backbone_dropout``; MS really maps all inputs to the target.
+
+LLM ablations of Tan et al. (NeurIPS 2024, "Are Language Models Actually Useful for Time
+Series Forecasting?") are ``model.llm_ablation``:
+
+- ``no_llm``: patch embeddings -> FlattenHead from d_model. No LLM, no reprogramming, no
+  prompt; the backbone is not even loaded.
+- ``llm2attn`` / ``llm2trsf``: only the frozen LLM body is replaced, by one randomly
+  initialised, trainable self-attention layer / Transformer block of the LLM's width
+  (:class:`~timellm_lib.models.layers.AttentionStandIn`, ``TransformerStandIn``). The
+  patching, reprogramming onto the word embeddings, the prompt, the attention mask and the
+  head on the first d_ff features of the last P positions stay exactly as with the LLM, so
+  the comparison isolates what the LLM body contributes. (The paper's released Time-LLM
+  ablation code also drops the reprogramming and the prompt and runs the layer at d_model;
+  ``no_llm`` is that variant without the layer.)
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ from torch import Tensor, nn
 from timellm_lib.backbones import Backbone, load_backbone
 from timellm_lib.config import Config, ConfigError, check_llm_dim
 from timellm_lib.models.layers import (
+    AttentionStandIn,
     FlattenHead,
     PatchEmbedding,
     Patching,
@@ -31,7 +46,10 @@ from timellm_lib.models.layers import (
     RevIN,
     Tap,
     TextPrototypes,
+    TransformerStandIn,
+    channel_rows,
     n_patches,
+    rows_to_channels,
 )
 from timellm_lib.models.output import Forecast
 from timellm_lib.models.prompt import build_prompts, prompt_statistics
@@ -45,32 +63,53 @@ class TimeLLM(nn.Module):
     pick the target channel, mixes them into the target. The target is input column
     ``target_index``: by default the last one, as OT in the ETT files; pass its index when
     the target column comes elsewhere in the input.
+
+    The forward pass is split into stages that subclasses reuse (the enhanced model in
+    :mod:`timellm_lib.models.enhanced` puts TAPR and GRA-M between them):
+    :meth:`embed_patches`, :meth:`decode` (reprogramming, prompt, LLM, head) and
+    :meth:`to_channels`. ``n_prefix`` is the number of extra tokens a subclass passes to
+    :meth:`decode`; it only sizes the head when there is no LLM (``no_llm``), where the head
+    reads those tokens together with the patches.
     """
 
-    def __init__(self, cfg: Config, n_in: int, n_out: int, target_index: int = -1):
+    def __init__(
+        self, cfg: Config, n_in: int, n_out: int, target_index: int = -1, n_prefix: int = 0
+    ) -> None:
         super().__init__()
         m, d = cfg.model, cfg.data
         _check_channels(d.features, n_in, n_out)
         self.cfg = cfg
         self.n_in, self.n_out = n_in, n_out
         self.target_index = target_index % n_in
-        # A plain attribute, not a submodule: see timellm_lib.backbones for why sharing is safe.
-        self.backbone: Backbone = load_backbone(m.backbone, m.llm_layers, m.backbone_dropout)
-        check_llm_dim(cfg, self.backbone.llm_dim)
         self.n_patch = n_patches(d.seq_len, m.patch_len, m.stride)
-        llm_dim, vocab = self.backbone.llm_dim, self.backbone.word_embeddings.shape[0]
+        # A plain attribute, not a submodule: see timellm_lib.backbones for why sharing is safe.
+        self.backbone: Backbone | None = None
+        if m.llm_ablation != "no_llm":
+            self.backbone = load_backbone(m.backbone, m.llm_layers, m.backbone_dropout)
+            check_llm_dim(cfg, self.backbone.llm_dim)
+        # width of the tokens decode() reads: the LLM's, or d_model without an LLM
+        self.token_dim = m.d_model if self.backbone is None else self.backbone.llm_dim
 
         self.normalize = RevIN()
         self.channel_independence = Tap()
         self.patching = Patching(m.patch_len, m.stride)
         self.patch_embedding = PatchEmbedding(m.patch_len, m.d_model, m.dropout)
-        self.text_prototypes = TextPrototypes(vocab, m.num_tokens)
-        self.reprogramming = ReprogrammingLayer(m.d_model, m.n_heads, m.d_ff, llm_dim, m.dropout)
-        self.prompt_embedding = Tap()
-        self.llm_input = Tap()
-        self.llm_output = Tap()
-        self.llm_features = Tap()
-        self.head = FlattenHead(m.d_ff, self.n_patch, d.pred_len, m.dropout)
+        self.llm_standin: nn.Module | None = None
+        if self.backbone is None:
+            self.head = FlattenHead(m.d_model, n_prefix + self.n_patch, d.pred_len, m.dropout)
+        else:
+            vocab = self.backbone.word_embeddings.shape[0]
+            self.text_prototypes = TextPrototypes(vocab, m.num_tokens)
+            self.reprogramming = ReprogrammingLayer(
+                m.d_model, m.n_heads, m.d_ff, self.token_dim, m.dropout
+            )
+            self.prompt_embedding = Tap()
+            self.llm_input = Tap()
+            if m.llm_ablation in ("llm2attn", "llm2trsf"):
+                self.llm_standin = _standin(m.llm_ablation, self.token_dim, m.n_heads, m.dropout)
+            self.llm_output = Tap()
+            self.llm_features = Tap()
+            self.head = FlattenHead(m.d_ff, self.n_patch, d.pred_len, m.dropout)
         if d.features == "MS":
             self.channel_mixing = nn.Linear(n_in, 1)
             with torch.no_grad():
@@ -79,26 +118,28 @@ class TimeLLM(nn.Module):
                 self.channel_mixing.bias.zero_()
 
     @property
-    def backbone_fingerprint(self) -> str:
-        return self.backbone.fingerprint
+    def backbone_fingerprint(self) -> str | None:
+        return None if self.backbone is None else self.backbone.fingerprint
 
     # ------------------------------------------------------------------ module plumbing
 
     def _apply(self, fn: Callable, recurse: bool = True) -> TimeLLM:
         """``.to()``, ``.cuda()``, ``.double()`` also move the frozen LLM kept outside the tree."""
         super()._apply(fn, recurse)
-        self.backbone.model._apply(fn, recurse)
+        if self.backbone is not None:
+            self.backbone.model._apply(fn, recurse)
         return self
 
     def train(self, mode: bool = True) -> TimeLLM:
         """The frozen LLM stays in eval mode unless ``model.backbone_dropout``."""
         super().train(mode)
-        self.backbone.model.train(mode and self.cfg.model.backbone_dropout)
+        if self.backbone is not None:
+            self.backbone.model.train(mode and self.cfg.model.backbone_dropout)
         return self
 
     def trace_stages(self) -> dict[str, tuple[str, str]]:
         """Submodule path -> (stage name, note) for ``timellm_lib.tracing``, in forward order."""
-        m, b = self.cfg.model, self.backbone
+        m = self.cfg.model
         stages = {
             "normalize": ("Instance Norm", "RevIN: per-series mean/std over time, no affine"),
             "channel_independence": ("Channel Independence", "[B, L, N] -> [B*N, L, 1]"),
@@ -108,6 +149,27 @@ class TimeLLM(nn.Module):
                 f"= {self.n_patch}",
             ),
             "patch_embedding": ("Patch Embedding", "circular Conv1d (kernel 3) to d_model"),
+        }
+        if self.backbone is None:
+            positions = self.head.linear.in_features // m.d_model
+            stages["head"] = (
+                "Head",
+                f"no_llm: FlattenHead d_model*{positions} -> pred_len, no LLM, no prompt",
+            )
+        else:
+            stages.update(self._language_stages())
+        if hasattr(self, "channel_mixing"):
+            stages["channel_mixing"] = ("Channel Mixing", "MS: Linear(n_in -> 1) to the target")
+        return stages
+
+    def _language_stages(self) -> dict[str, tuple[str, str]]:
+        m, b = self.cfg.model, self.backbone
+        if self.llm_standin is None:
+            llm = f"frozen {b.name}, {b.n_layers} layers"
+        else:
+            kind = type(self.llm_standin).__name__
+            llm = f"{m.llm_ablation}: one trainable {kind} replaces {b.name}"
+        return {
             "text_prototypes": (
                 "Text Prototypes",
                 f"Linear(vocab -> {m.num_tokens}) of the frozen word embeddings",
@@ -117,14 +179,14 @@ class TimeLLM(nn.Module):
                 f"{m.n_heads} heads x d_keys {m.d_ff} over the prototypes, to llm_dim",
             ),
             "prompt_embedding": ("Prompt Embedding", "left-padded prompt tokens, word embeddings"),
-            "llm_input": ("LLM Input", "[prompt ; patches], patches last"),
-            "llm_output": ("LLM Output", f"frozen {b.name}, {b.n_layers} layers"),
+            "llm_input": ("LLM Input", self._llm_input_note()),
+            "llm_output": ("LLM Output", llm),
             "llm_features": ("LLM Features", f"first d_ff = {m.d_ff} features of the last P"),
             "head": ("Head", "FlattenHead: d_ff*P -> pred_len"),
         }
-        if hasattr(self, "channel_mixing"):
-            stages["channel_mixing"] = ("Channel Mixing", "MS: Linear(n_in -> 1) to the target")
-        return stages
+
+    def _llm_input_note(self) -> str:
+        return "[prompt ; patches], patches last"
 
     # --------------------------------------------------------------------------- forward
 
@@ -132,48 +194,84 @@ class TimeLLM(nn.Module):
         """x [B, seq_len, n_in] -> Forecast(pred [B, pred_len, n_out]); ``y`` is not used."""
         self._check_input(x)
         x_norm, mean, std = self.normalize(x)
-        pred = self.forecast_normalized(x_norm)  # [B, pred_len, n_in]
-        if hasattr(self, "channel_mixing"):
-            t = self.target_index
-            pred = self.channel_mixing(pred)
-            mean, std = mean[..., t : t + 1], std[..., t : t + 1]
+        series = self.channel_series(x_norm)
+        rows = self.decode(series, self.embed_patches(series))
+        pred, mean, std = self.to_channels(rows, x.shape[0], mean, std)
         return Forecast(pred=RevIN.denormalize(pred, mean, std))
 
-    def forecast_normalized(self, x_norm: Tensor) -> Tensor:
-        """Channel-independent forecast in normalised space: [B, L, N] -> [B, pred_len, N]."""
-        b, length, n = x_norm.shape
-        series = self.channel_independence(x_norm.transpose(1, 2).reshape(b * n, length, 1))
-        series = series.squeeze(-1)  # [B*N, L]
-        tokens = self.patch_embedding(self.patching(series))
+    def channel_series(self, x_norm: Tensor) -> Tensor:
+        """Channel independence: normalised input [B, L, N] -> one series per row [B*N, L]."""
+        return self.channel_independence(channel_rows(x_norm).unsqueeze(-1)).squeeze(-1)
+
+    def embed_patches(self, series: Tensor) -> Tensor:
+        """[B*N, L] -> patch tokens [B*N, P, d_model]."""
+        return self.patch_embedding(self.patching(series))
+
+    def decode(self, series: Tensor, tokens: Tensor, prefix: Tensor | None = None) -> Tensor:
+        """Patch tokens [B*N, P, d_model] -> normalised forecast rows [B*N, pred_len].
+
+        ``series`` [B*N, L] gives the prompt statistics; ``prefix`` [B*N, K, token_dim] are
+        extra tokens put before the prompt (see :meth:`llm_inputs`). Without an LLM
+        (``no_llm``) the head reads ``[prefix ; tokens]`` directly.
+        """
+        if self.backbone is None:
+            return self.head(tokens if prefix is None else torch.cat([prefix, tokens], dim=1))
         prototypes = self.text_prototypes(self.backbone.word_embeddings)
         patches = self.reprogramming(tokens, prototypes)  # [B*N, P, llm_dim]
         prompts = build_prompts(prompt_statistics(series, self.cfg.model.top_k_lags), self.cfg)
-        embeds, mask = self.llm_inputs(prompts, patches)
-        hidden = self.llm_output(self.backbone.encode(embeds, mask))
-        features = self.llm_features(hidden[:, -self.n_patch :, : self.cfg.model.d_ff])
-        return self.head(features).reshape(b, n, -1).transpose(1, 2)
+        embeds, mask = self.llm_inputs(prompts, patches, prefix)
+        hidden = self.llm_output(self.language_model(embeds, mask))
+        return self.head(self.llm_features(hidden[:, -self.n_patch :, : self.cfg.model.d_ff]))
 
-    def llm_inputs(self, prompts: list[str], patches: Tensor) -> tuple[Tensor, Tensor]:
-        """[prompt ; patches] embeddings [M, T+P, llm_dim] and attention mask [M, T+P].
+    def to_channels(
+        self, rows: Tensor, batch_size: int, mean: Tensor, std: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Rows [B*N, H] -> normalised forecast [B, H, n_out] and the RevIN statistics of the
+        output channels (MS: the learned channel mix, with the target's statistics)."""
+        pred = rows_to_channels(rows, batch_size)
+        if hasattr(self, "channel_mixing"):
+            t = self.target_index
+            return self.channel_mixing(pred), mean[..., t : t + 1], std[..., t : t + 1]
+        return pred, mean, std
+
+    def llm_inputs(
+        self, prompts: list[str], patches: Tensor, prefix: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """[prefix ; prompt ; patches] embeddings [M, K+T+P, llm_dim] and attention mask.
 
         Prompts are padded on the left, so the patches are the last P positions of every
-        row whatever the prompt lengths; padded positions are masked out.
+        row whatever the prompt lengths; padded positions are masked out. The ``prefix``
+        tokens [M, K, llm_dim] go right after the padding: ``[pad..., prefix, prompt,
+        patches]``. Positions are derived from the mask (``Backbone.encode``), so the first
+        prefix token is position 0 in every row, padded or not.
         """
         encoded = self.backbone.tokenizer(prompts, return_tensors="pt", padding=True)
         ids = encoded["input_ids"].to(patches.device)
-        prompt_mask = encoded["attention_mask"].to(patches.device)
-        words = self.prompt_embedding(self.backbone.word_embeddings[ids])
-        embeds = self.llm_input(torch.cat([words.to(patches.dtype), patches], dim=1))
-        mask = torch.cat([prompt_mask, prompt_mask.new_ones(patches.shape[:2])], dim=1)
+        mask = encoded["attention_mask"].to(patches.device)
+        words = self.prompt_embedding(self.backbone.word_embeddings[ids]).to(patches.dtype)
+        if prefix is not None:
+            # [prefix ; pad ; prompt] -> [pad ; prefix ; prompt]: a stable sort of the mask
+            # moves each row's padding to the front and keeps the order of everything else.
+            words = torch.cat([prefix.to(patches.dtype), words], dim=1)
+            mask, order = torch.cat([mask.new_ones(prefix.shape[:2]), mask], 1).sort(stable=True)
+            words = words.gather(1, order.unsqueeze(-1).expand_as(words))
+        embeds = self.llm_input(torch.cat([words, patches], dim=1))
+        return embeds, torch.cat([mask, mask.new_ones(patches.shape[:2])], dim=1)
+
+    def language_model(self, embeds: Tensor, mask: Tensor) -> Tensor:
+        """The frozen LLM (or its trainable stand-in): [M, T, llm_dim] -> [M, T, llm_dim]."""
+        if self.llm_standin is not None:
+            return self.llm_standin(embeds, mask)
         limit = self.backbone.max_positions
         if limit is not None and embeds.shape[1] > limit:
+            prompt = embeds.shape[1] - self.n_patch
             raise ValueError(
-                f"the LLM input has {embeds.shape[1]} positions ({ids.shape[1]} prompt tokens "
-                f"+ {self.n_patch} patches) but backbone {self.backbone.name!r} takes at most "
-                f"{limit}; lower data.seq_len, raise model.stride, use "
+                f"the LLM input has {embeds.shape[1]} positions ({prompt} prompt and prefix "
+                f"tokens + {self.n_patch} patches) but backbone {self.backbone.name!r} takes "
+                f"at most {limit}; lower data.seq_len, raise model.stride, use "
                 "model.prompt_format=compact or shorten model.description"
             )
-        return embeds, mask
+        return self.backbone.encode(embeds, mask)
 
     def _check_input(self, x: Tensor) -> None:
         expected = (self.cfg.data.seq_len, self.n_in)
@@ -182,6 +280,16 @@ class TimeLLM(nn.Module):
                 f"TimeLLM expects input [batch, seq_len={expected[0]}, channels={expected[1]}], "
                 f"got {list(x.shape)}; check data.seq_len and the number of input columns"
             )
+
+
+def _standin(kind: str, width: int, n_heads: int, dropout: float) -> nn.Module:
+    if width % n_heads:
+        raise ConfigError(
+            f"model.llm_ablation = {kind} needs llm_dim = {width} divisible by model.n_heads = "
+            f"{n_heads}; choose n_heads dividing {width}"
+        )
+    cls = AttentionStandIn if kind == "llm2attn" else TransformerStandIn
+    return cls(width, n_heads, dropout)
 
 
 def _check_channels(features: str, n_in: int, n_out: int) -> None:
