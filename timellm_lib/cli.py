@@ -36,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train or resume a run")
     _add_config_args(p)
     p.add_argument("--run-dir", help="run directory (default outputs/<experiment>/<run_id>)")
-    p.add_argument("--resume", help="auto | last | best | PATH to a checkpoint")
+    p.add_argument(
+        "--resume",
+        help="auto (newest valid checkpoint, or a fresh start) | last (newest step checkpoint) "
+        "| best (best.pt's resumable companion) | PATH to a checkpoint",
+    )
     p.add_argument("--max-steps", type=int, help="stop (after a checkpoint) at this global_step")
     p.add_argument("--resume-new-lr", action="store_true", help="keep moments, use config lr")
     p.add_argument("--resume-reset-scheduler", action="store_true", help="rebuild the scheduler")
@@ -55,9 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    """Train or resume. Resuming without --config starts from the resumed run's own
+    config.yaml (that of --run-dir, else that of the checkpoint's run directory), so
+    ``timellm train --run-dir DIR --resume auto`` is enough; --set still applies on top, for
+    the keys a resume may change."""
+    from pathlib import Path
+
     from timellm_lib.training import train
 
-    cfg = load_config(args.config, args.overrides)
+    _show_training_messages()
+    config = args.config
+    if config is None and args.resume:
+        candidates = [Path(args.run_dir) / "config.yaml"] if args.run_dir else []
+        if args.resume not in ("auto", "last", "best"):  # a checkpoint path: its run's config
+            candidates.append(Path(args.resume).resolve().parent.parent / "config.yaml")
+        config = next((c for c in candidates if c.is_file()), None)
+    cfg = load_config(config, args.overrides)
     result = train(
         cfg,
         run_dir=args.run_dir,
@@ -70,6 +87,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     print(result.summary())
     return 0
+
+
+def _show_training_messages() -> None:
+    """Send the trainer's notices (resumed from, skipped a damaged file) to stderr."""
+    import logging
+
+    logger = logging.getLogger("timellm_lib.training")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("timellm train: %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

@@ -1,0 +1,128 @@
+"""Resumable batches: a seeded permutation per epoch, so any batch is found by arithmetic.
+
+The order of epoch ``e`` is ``torch.randperm(n, generator=Generator().manual_seed(h(seed, e)))``
+and batch ``b`` is ``perm[b * batch_size:(b + 1) * batch_size]``. Nothing depends on what was
+drawn before, so a run resumed at batch ``b`` of epoch ``e`` starts there directly, without
+loading (or even indexing) the batches before it: resume cost does not grow with the position.
+The last incomplete batch is dropped, which keeps the number of batches per epoch fixed.
+
+Batches are gathered with ``dataset.get_batch(idx)`` (one tensor gather) when the dataset has
+it, else by stacking ``dataset[i]``. With ``num_workers > 0`` a ``DataLoader`` fetches whole
+batches in worker processes, in order; each worker is seeded from (seed, epoch, worker) and the
+loader draws its base seed from its own generator, so the global RNG (dropout) is untouched and
+a resumed run sees the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+Batch = tuple[Tensor, Tensor]
+
+
+class Windows(Protocol):
+    """What the loaders need from a dataset (``get_batch`` is optional)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> Batch: ...
+
+
+def mix_seed(*parts: int) -> int:
+    """A stable 63-bit seed from integers (python's ``hash`` is salted for strings, and a sum
+    would make (seed, epoch) and (seed + 1, epoch - 1) collide)."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
+    """The order of the ``n`` training windows in ``epoch``."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
+
+
+def fetch_batch(dataset: Windows, idx: Tensor) -> Batch:
+    """Windows ``idx`` as (x [B, seq_len, C_in], y [B, pred_len, C_out])."""
+    if hasattr(dataset, "get_batch"):
+        return dataset.get_batch(idx)
+    items = [dataset[int(i)] for i in idx]
+    return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+
+
+class _BatchFetcher(TorchDataset):
+    """A dataset whose items are whole batches, addressed by their index tensors."""
+
+    def __init__(self, dataset: Windows) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, idx: Tensor) -> Batch:
+        return fetch_batch(self.dataset, idx)
+
+
+class _SeedWorker:
+    """``worker_init_fn``: seeds python, numpy and torch in a worker from (seed, epoch, id)."""
+
+    def __init__(self, seed: int, epoch: int) -> None:
+        self.seed = seed
+        self.epoch = epoch
+
+    def __call__(self, worker_id: int) -> None:
+        worker_seed = mix_seed(self.seed, self.epoch, worker_id)
+        random.seed(worker_seed)
+        np.random.seed(worker_seed % 2**32)
+        torch.manual_seed(worker_seed)
+
+
+class ResumableLoader:
+    """Training batches of a seeded per-epoch order that can start at any batch."""
+
+    def __init__(self, dataset: Windows, batch_size: int, seed: int, num_workers: int = 0):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+
+    def __len__(self) -> int:
+        """Full batches per epoch (the incomplete last one is dropped)."""
+        return len(self.dataset) // self.batch_size
+
+    def batch_indices(self, epoch: int, start: int = 0, stop: int | None = None) -> list[Tensor]:
+        """Index tensors of batches ``start`` to ``stop`` (exclusive, default all) of ``epoch``."""
+        perm = epoch_permutation(len(self.dataset), self.seed, epoch)
+        bs = self.batch_size
+        stop = len(self) if stop is None else min(stop, len(self))
+        return [perm[b * bs : (b + 1) * bs] for b in range(start, stop)]
+
+    def epoch(self, epoch: int, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
+        """The batches ``start`` to ``stop`` of ``epoch``, in order."""
+        indices = self.batch_indices(epoch, start, stop)
+        if self.num_workers == 0:
+            return (fetch_batch(self.dataset, idx) for idx in indices)
+        loader = DataLoader(
+            _BatchFetcher(self.dataset),
+            batch_size=None,  # items are already batches
+            sampler=indices,
+            num_workers=self.num_workers,
+            worker_init_fn=_SeedWorker(self.seed, epoch),
+            generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch, -1)),
+        )
+        return iter(loader)
+
+    def state(self, epoch: int, position: int) -> dict[str, Any]:
+        """What a checkpoint stores to find the next batch: position = batches consumed."""
+        return {"seed": self.seed, "epoch": epoch, "position": position}
+
+
+def eval_batches(dataset: Windows, batch_size: int) -> Iterator[Batch]:
+    """Every window once, in order, the last batch possibly smaller (evaluation drops none)."""
+    for start in range(0, len(dataset), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(dataset)))
+        yield fetch_batch(dataset, idx)

@@ -1,0 +1,10 @@
+"""Training: the resumable loop, checkpoints, EarlyStopping, schedules, RNG state, EMA.
+
+``train(cfg)`` runs (or continues) a run and returns a :class:`TrainResult`; checkpoint files
+are read and explained with :mod:`timellm_lib.training.checkpoint`.
+"""
+
+from timellm_lib.training.checkpoint import CheckpointError
+from timellm_lib.training.trainer import TrainingError, TrainResult, train
+
+__all__ = ["CheckpointError", "TrainResult", "TrainingError", "train"]

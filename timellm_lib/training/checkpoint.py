@@ -1,0 +1,490 @@
+"""Checkpoint files: atomic writing, safe loading, digests, description, and finding one to resume.
+
+A checkpoint is one flat dict saved with ``torch.save`` (its layout is built in
+:func:`timellm_lib.training.trainer.checkpoint_payload`). Three rules make it trustworthy:
+
+- **Atomic writes.** The dict is written to a temporary file in the same folder, flushed and
+  fsynced, renamed over the target (``os.replace`` is atomic), and the folder is fsynced so the
+  rename itself survives a power cut. A crash during a save leaves the previous files intact
+  and at worst a stray ``.*.tmp`` file, which the next resume removes.
+- **Safe loads.** Files are always read with ``torch.load(weights_only=True)``: only tensors
+  and plain values can come out, so a crafted file cannot run code. Every way a file can be
+  bad (missing, empty, truncated, foreign bytes, pickled code) becomes a :class:`CheckpointError`
+  that says which and what to do.
+- **Digests.** ``state_digest`` fingerprints the model weights, ``resume_digest`` everything a
+  resume restores; two runs are bit-identical exactly when their digests are equal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import os
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from torch import nn
+
+from timellm_lib.errors import WorkbenchError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+TMP_SUFFIX = ".tmp"
+STEP_PATTERN = re.compile(r"^step_(\d{8,})\.pt$")
+
+# What each section of a checkpoint is for (shown by ``timellm inspect``).
+SECTION_PURPOSE = {
+    "model": "trainable weights and buffers (a GRA-M memory bank is a buffer); the frozen "
+    "backbone is not stored, only its fingerprint",
+    "optimizer": "optimizer moments and step counts, so updates continue as if never stopped",
+    "scheduler": "learning-rate schedule position (its step count and base lr)",
+    "scaler": "fp16 loss-scale state (None unless train.amp is fp16)",
+    "ema": "exponential moving average of the weights (None unless train.ema_decay > 0)",
+    "early_stopping": "best_score, val_loss_min and counter of EarlyStopping",
+    "rng": "python, numpy and torch random states, so dropout draws continue identically",
+    "sampler": "data order: seed, epoch and batches already consumed in that epoch",
+    "config": "the resolved run configuration, compared with the current one on resume",
+    "backbone": "name and fingerprint of the frozen language model the weights belong to",
+}
+# Everything a resume restores; resume_digest hashes exactly these.
+RESUME_SECTIONS = (
+    "global_step",
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "ema",
+    "early_stopping",
+    "rng",
+    "sampler",
+)
+
+
+class CheckpointError(WorkbenchError):
+    """A checkpoint cannot be used: missing, damaged, unsafe, or not made for this run."""
+
+
+# ------------------------------------------------------------------------------ writing
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[IO[bytes]]:
+    """Open a temporary file beside ``path``; on success it replaces ``path`` atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_file(path) as f:
+        f.write(text.encode())
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` atomically (see the module docstring)."""
+    with atomic_file(path) as f:
+        torch.save(payload, f)
+
+
+def remove_temp_files(folder: str | Path) -> list[str]:
+    """Delete leftovers of saves that were interrupted; returns their names."""
+    removed = []
+    for tmp in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp.name)
+    return removed
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def load_checkpoint(path: str | Path, peek: bool = False) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; any problem is a CheckpointError.
+
+    ``peek`` memory-maps the file so reading a few fields does not read the tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; check the path (run directories keep them in "
+            "checkpoints/) or use --resume auto"
+        )
+    if path.stat().st_size == 0:
+        raise CheckpointError(
+            f"checkpoint {path} is empty (0 bytes), probably cut off by a crash; use an "
+            "earlier checkpoint (--resume auto skips damaged files)"
+        )
+    try:
+        with (
+            warnings.catch_warnings()
+        ):  # torch's note on a raw pickle's protocol: our error says more
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=peek)
+    except Exception as err:  # torch raises several unrelated types for bad files
+        raise CheckpointError(_explain_load_failure(path, err)) from None
+    if not isinstance(payload, dict) or "format_version" not in payload:
+        raise CheckpointError(
+            f"{path} is a PyTorch file but not a timellm checkpoint (no format_version); "
+            "pass a file written by `timellm train`"
+        )
+    if payload["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {payload['format_version']}, newer than the "
+            f"{FORMAT_VERSION} this version reads; upgrade timellm_lib"
+        )
+    return payload
+
+
+def _explain_load_failure(path: Path, err: Exception) -> str:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    text = str(err)
+    unsafe = re.search(r"GLOBAL (\S+)", text)
+    if unsafe or head.startswith(b"\x80"):
+        what = f" (it asks for {unsafe.group(1)})" if unsafe else ""
+        return (
+            f"refused to load {path}: it contains pickled Python objects{what} that could run "
+            "code when loaded. Checkpoints are read with weights_only=True and may hold only "
+            "tensors and plain values; do not use this file, use a checkpoint written by "
+            "`timellm train`"
+        )
+    if head.startswith(b"PK"):
+        return (
+            f"checkpoint {path} is truncated or corrupt (its zip archive is incomplete), "
+            "probably cut off by a crash or a partial copy; use an earlier checkpoint "
+            "(--resume auto skips damaged files)"
+        )
+    return (
+        f"{path} is not a PyTorch checkpoint (its bytes are neither a torch zip archive nor a "
+        "pickle); pass a .pt file written by `timellm train`"
+    )
+
+
+def load_model_weights(
+    model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True
+) -> dict[str, list]:
+    """Load ``state`` into ``model`` by tensor name, never by position.
+
+    Returns ``{"loaded", "missing", "unexpected", "mismatched"}`` (names; mismatched entries are
+    ``[name, checkpoint shape, model shape]``). With ``strict`` any missing, unexpected or
+    mismatched tensor raises a CheckpointError listing them; without it the tensors that
+    match are loaded and the rest reported.
+    """
+    expected = model.state_dict()
+    mismatched = [
+        [name, list(state[name].shape), list(t.shape)]
+        for name, t in expected.items()
+        if name in state and state[name].shape != t.shape
+    ]
+    bad = {m[0] for m in mismatched}
+    report = {
+        "loaded": [n for n in expected if n in state and n not in bad],
+        "missing": [n for n in expected if n not in state],
+        "unexpected": [n for n in state if n not in expected],
+        "mismatched": mismatched,
+    }
+    if strict and (report["missing"] or report["unexpected"] or mismatched):
+        raise CheckpointError(
+            "the checkpoint's weights do not fit this model (was it made with another "
+            f"model.name or sizes?): {describe_mismatch(report)}. Use the config the "
+            "checkpoint was trained with"
+        )
+    model.load_state_dict({n: state[n] for n in report["loaded"]}, strict=False)
+    return report
+
+
+def describe_mismatch(report: dict[str, list]) -> str:
+    parts = []
+    if report["missing"]:
+        parts.append(f"missing in checkpoint {report['missing']}")
+    if report["unexpected"]:
+        parts.append(f"unexpected (not in model) {report['unexpected']}")
+    if report["mismatched"]:
+        shapes = [f"{n}: checkpoint {a} vs model {b}" for n, a, b in report["mismatched"]]
+        parts.append(f"shape mismatch {shapes}")
+    return "; ".join(parts) or "all tensors match"
+
+
+# ------------------------------------------------------------------------------ finding
+
+
+def step_name(global_step: int) -> str:
+    return f"step_{global_step:08d}.pt"
+
+
+def step_files(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    """Step checkpoints of a folder as (global_step, path), oldest first."""
+    found = []
+    for path in Path(ckpt_dir).glob("step_*.pt"):
+        match = STEP_PATTERN.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def select_resume_checkpoint(run_dir: str | Path, mode: str) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from and its payload, or None (auto with nothing valid).
+
+    ``auto``: the newest valid one by global_step among step_*.pt and final.pt (final.pt wins a
+    tie); ``last``: the newest valid step checkpoint; ``best``: best.pt's companion step
+    checkpoint (named in its ``resume_from``); anything else is a path (a best.pt given as a
+    path is followed to its companion too). Damaged files are skipped with a warning naming
+    them; they are never used.
+    """
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if mode in ("auto", "last"):
+        candidates = [(step, 1, path) for step, path in step_files(ckpt_dir)]
+        final = ckpt_dir / "final.pt"
+        if mode == "auto" and final.is_file():
+            final_step = _peek_step(final)
+            if final_step is not None:
+                candidates.append((final_step, 2, final))
+        for _, _, path in sorted(candidates, reverse=True):
+            try:
+                return path, _resumable(load_checkpoint(path), path)
+            except CheckpointError as err:
+                log.warning("skipping checkpoint %s: %s", path.name, err)
+        if mode == "last":
+            raise CheckpointError(
+                f"no valid step checkpoint in {ckpt_dir}; train first, or use --resume auto "
+                "to start from scratch when there is none"
+            )
+        return None
+    path = ckpt_dir / "best.pt" if mode == "best" else Path(mode)
+    if mode == "best" and not path.is_file():
+        raise CheckpointError(
+            f"{path} does not exist: no validation has improved yet in {run_dir}; use "
+            "--resume last or --resume auto"
+        )
+    payload = load_checkpoint(path)
+    if payload.get("kind") == "best":
+        companion = path.parent / payload["resume_from"]
+        if not companion.is_file():
+            raise CheckpointError(
+                f"{path.name} names {companion.name} as its resumable companion, but that file "
+                "is missing (deleted by hand?); resume with --resume last or --resume auto"
+            )
+        path, payload = companion, load_checkpoint(companion)
+    return path, _resumable(payload, path)
+
+
+def find_resume_checkpoint(run_dir: str | Path, mode: str) -> Path | None:
+    """Path of the checkpoint ``--resume mode`` would use (see select_resume_checkpoint)."""
+    found = select_resume_checkpoint(run_dir, mode)
+    return found[0] if found else None
+
+
+def _peek_step(path: Path) -> int | None:
+    try:
+        return int(load_checkpoint(path, peek=True)["global_step"])
+    except CheckpointError as err:
+        log.warning("skipping checkpoint %s: %s", path.name, err)
+        return None
+
+
+def _resumable(payload: dict, path: Path) -> dict:
+    missing = [k for k in RESUME_SECTIONS if k not in payload and k != "early_stopping"]
+    if missing:
+        raise CheckpointError(
+            f"{path} lacks {missing} and cannot be resumed from (kind {payload.get('kind')!r}); "
+            "resume from a step or final checkpoint"
+        )
+    return payload
+
+
+def rotate_step_checkpoints(ckpt_dir: str | Path, keep: int, protect: set[str]) -> list[str]:
+    """Delete the oldest step checkpoints beyond ``keep`` (0 keeps all), never those named in
+    ``protect`` (best.pt's companion, the newest). Returns the names removed."""
+    if keep == 0:
+        return []
+    files = step_files(ckpt_dir)
+    removed = []
+    for _, path in files[: max(len(files) - keep, 0)]:
+        if path.name not in protect:
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+# ------------------------------------------------------------------------------ digests
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def state_digest(model_state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the model tensors' raw bytes, in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(model_state):
+        h.update(_tensor_bytes(model_state[name]))
+    return h.hexdigest()
+
+
+def _feed(h: Any, value: Any) -> None:
+    """Hash a nested value canonically (dict keys sorted, tensors by dtype, shape, bytes)."""
+    if isinstance(value, torch.Tensor):
+        h.update(f"T{value.dtype}{tuple(value.shape)}".encode())
+        h.update(_tensor_bytes(value))
+    elif isinstance(value, dict):
+        h.update(b"{")
+        for key in sorted(value, key=str):
+            _feed(h, str(key))
+            _feed(h, value[key])
+        h.update(b"}")
+    elif isinstance(value, list | tuple):
+        h.update(b"[")
+        for item in value:
+            _feed(h, item)
+        h.update(b"]")
+    else:
+        h.update(f"{type(value).__name__}:{value!r};".encode())
+
+
+def resume_digest(payload: dict[str, Any]) -> str:
+    """sha256 over everything a resume restores (RESUME_SECTIONS)."""
+    h = hashlib.sha256()
+    for section in RESUME_SECTIONS:
+        _feed(h, section)
+        _feed(h, payload.get(section))
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------ describing
+
+
+def describe_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The fields ``timellm inspect --json`` prints (see DESIGN.md, CLI contract)."""
+    path = Path(path)
+    payload = load_checkpoint(path)
+    es = payload.get("early_stopping") or {}
+    train_steps = payload.get("train_steps")
+    step = payload["global_step"]
+    sections = {
+        name: {"bytes": _section_bytes(payload[name]), "purpose": purpose}
+        for name, purpose in SECTION_PURPOSE.items()
+        if name in payload
+    }
+    return {
+        "path": str(path),
+        "format_version": payload["format_version"],
+        "kind": payload.get("kind"),
+        "global_step": step,
+        "epoch": payload.get("epoch"),
+        "step_in_epoch": payload.get("step_in_epoch"),
+        "train_steps": train_steps,
+        "best_score": es.get("best_score"),
+        "val_loss_min": es.get("val_loss_min", math.inf),
+        "counter": es.get("counter", 0),
+        "early_stopping_missing": [
+            k for k in ("best_score", "val_loss_min", "counter") if k not in es
+        ],
+        "lr": payload.get("lr"),
+        "backbone": payload.get("backbone"),
+        "bytes": path.stat().st_size,
+        "state_digest": state_digest(payload["model"]),
+        "resume_digest": resume_digest(payload) if "optimizer" in payload else None,
+        "resume_from": payload.get("resume_from"),
+        "metrics_lines": payload.get("metrics_lines"),
+        "sections": sections,
+    }
+
+
+def _section_bytes(value: Any) -> int:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.tell()
+
+
+def format_description(info: dict[str, Any]) -> str:
+    """A checkpoint described in words, for reading and teaching."""
+    kind_words = {
+        "step": "a step checkpoint: everything needed to continue training exactly",
+        "final": "the final checkpoint, written when training ended (resumable too)",
+        "best": "the EarlyStopping best, for inference; training resumes from its companion "
+        f"{info.get('resume_from')}",
+    }
+    lines = [
+        f"{info['path']} ({_size(info['bytes'])}, format {info['format_version']})",
+        f"  kind: {info['kind']}, {kind_words.get(info['kind'], 'unknown kind')}",
+    ]
+    step, epoch, in_epoch, steps = (
+        info["global_step"],
+        info["epoch"],
+        info["step_in_epoch"],
+        info["train_steps"],
+    )
+    if steps:
+        lines.append(
+            f"  position: global_step {step} = epoch {epoch} x {steps} steps + step_in_epoch "
+            f"{in_epoch}: epoch {epoch} (counting from 0) has {in_epoch} of its {steps} "
+            "optimizer steps done"
+        )
+    else:
+        lines.append(f"  position: global_step {step} (optimizer steps done)")
+    lr = info["lr"]
+    lines.append(f"  learning rate at this point: {lr:.6g}" if lr is not None else "  lr: unknown")
+    if info["best_score"] is None:
+        es = "no validation yet (best_score None, val_loss_min inf)"
+    else:
+        es = (
+            f"best validation loss {info['val_loss_min']:.6g} (best_score = -loss = "
+            f"{info['best_score']:.6g})"
+        )
+    lines.append(
+        f"  EarlyStopping: {es}; counter {info['counter']} (validations since the last "
+        "improvement; training stops when it reaches train.patience)"
+    )
+    if info["early_stopping_missing"]:
+        lines.append(
+            f"  (older checkpoint: EarlyStopping fields {info['early_stopping_missing']} are "
+            "absent and load as their fresh-start values)"
+        )
+    backbone = info["backbone"] or {}
+    if backbone.get("fingerprint"):
+        lines.append(
+            f"  backbone: {backbone.get('name')} (not stored; fingerprint "
+            f"{backbone['fingerprint'][:16]}...)"
+        )
+    else:
+        lines.append("  backbone: none (the model has no frozen language model)")
+    lines.append(f"  state_digest:  {info['state_digest']}")
+    if info["resume_digest"]:
+        lines.append(f"  resume_digest: {info['resume_digest']}")
+    lines.append("  sections (serialized size, what they are for):")
+    for name, section in info["sections"].items():
+        lines.append(f"    {name:<15}{_size(section['bytes']):>10}  {section['purpose']}")
+    return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    unit = "B"
+    for bigger in ("kB", "MB", "GB"):
+        if n < 1000:
+            break
+        n, unit = n / 1000, bigger
+    return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"

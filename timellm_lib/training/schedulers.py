@@ -1,0 +1,90 @@
+"""Learning-rate schedules, all as one ``LambdaLR`` stepped once per optimizer step.
+
+Every schedule is a multiplier of the base lr that depends only on how many optimizer steps
+the scheduler has taken. Epoch-based schedules turn that count into an epoch with
+``train_steps`` (optimizer steps per epoch), so there is one code path and the resumable state
+is the step count plus the few numbers of :class:`Schedule` (``LambdaLR.state_dict`` stores the
+attributes of a callable object, so they travel in the checkpoint too).
+
+Multipliers, with ``s`` the step, ``e = s // train_steps`` the epoch (from 0), ``T`` the steps
+the schedule spans:
+
+- ``constant``: 1
+- ``step``: ``gamma ** (e // step_size)``
+- ``cosine``: ``0.5 * (1 + cos(pi * s / T))``, from 1 down to 0 over the run
+- ``onecycle``: the lr shape of ``torch.optim.lr_scheduler.OneCycleLR`` (cosine warm-up from
+  lr/25 to lr over ``pct_start * T`` steps, then cosine annealing to lr/(25 * 1e4));
+  momentum is not cycled
+- ``type1`` (Time-LLM/Informer ``lradj=type1``): halve every epoch, ``0.5 ** e``
+- ``type3`` (Time-LLM ``lradj=type3``): 1 for the first three epochs, then ``0.9 ** (e - 2)``
+
+A schedule can be rebuilt at a later global step (``--resume-reset-scheduler``): it then starts
+over, with step 0 at that global step, spans the remaining steps, and counts epochs from the
+epoch that step lies in (epoch boundaries stay those of the data).
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from timellm_lib.config import TrainConfig
+
+ONECYCLE_DIV = 25.0  # initial lr = max lr / 25, as in torch's OneCycleLR
+ONECYCLE_FINAL_DIV = 1e4  # final lr = initial lr / 1e4
+
+
+class Schedule:
+    """The lr multiplier for the scheduler's step count. Its attributes are plain values, which
+    ``LambdaLR.state_dict`` stores, so a checkpoint restores the schedule without pickled code.
+    ``origin`` is the global step the schedule started at (0 unless it was reset on resume)."""
+
+    def __init__(self, cfg: TrainConfig, train_steps: int, total_steps: int, origin: int) -> None:
+        self.kind = cfg.scheduler
+        self.train_steps = train_steps
+        self.total_steps = max(total_steps, 1)
+        self.origin = origin
+        self.step_size = cfg.step_size
+        self.gamma = cfg.gamma
+        self.pct_start = cfg.pct_start
+
+    def __call__(self, step: int) -> float:
+        epoch = (self.origin + step) // self.train_steps - self.origin // self.train_steps
+        progress = min(step / self.total_steps, 1.0)
+        if self.kind == "constant":
+            return 1.0
+        if self.kind == "step":
+            return self.gamma ** (epoch // self.step_size)
+        if self.kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if self.kind == "onecycle":
+            return self._onecycle(step)
+        if self.kind == "type1":
+            return 0.5**epoch
+        if self.kind == "type3":
+            return 1.0 if epoch < 3 else 0.9 ** (epoch - 2)
+        raise ValueError(f"unknown scheduler {self.kind!r}")  # config validation prevents this
+
+    def _onecycle(self, step: int) -> float:
+        warmup = max(int(self.pct_start * self.total_steps), 1)
+        start, peak = 1.0 / ONECYCLE_DIV, 1.0
+        end = start / ONECYCLE_FINAL_DIV
+        if step < warmup:
+            return _cosine_between(start, peak, step / warmup)
+        rest = max(self.total_steps - warmup, 1)
+        return _cosine_between(peak, end, min((step - warmup) / rest, 1.0))
+
+
+def _cosine_between(a: float, b: float, fraction: float) -> float:
+    """Cosine interpolation from ``a`` (fraction 0) to ``b`` (fraction 1)."""
+    return b + (a - b) * 0.5 * (1.0 + math.cos(math.pi * fraction))
+
+
+def build_scheduler(
+    optimizer: Optimizer, cfg: TrainConfig, train_steps: int, total_steps: int, origin: int = 0
+) -> LambdaLR:
+    """A LambdaLR whose step 0 is global step ``origin``; cosine and onecycle span the
+    ``total_steps - origin`` steps that remain."""
+    return LambdaLR(optimizer, Schedule(cfg, train_steps, total_steps - origin, origin))

@@ -1,0 +1,782 @@
+"""The training loop: resumable, so that an interrupted-and-resumed run is bit-identical to one
+that was never interrupted (same machine, same thread count, CPU).
+
+Read :func:`train` top to bottom: decide where to start, build everything, (maybe) restore a
+checkpoint, then the loop. Its invariants:
+
+- ``global_step`` counts optimizer steps across epochs and is never reset. With
+  ``train_steps`` optimizer steps per epoch, the position is ``epoch = global_step //
+  train_steps`` and ``step_in_epoch = global_step % train_steps``.
+- ``train_steps = (len(train windows) // batch_size) // grad_accum``: the last incomplete
+  batch is dropped, and so are the micro-batches at the end of an epoch that do not fill a
+  whole accumulation (at most ``grad_accum - 1``), so every epoch has the same steps.
+- The data order of epoch ``e`` is a permutation seeded from (seed, e) (see
+  :mod:`timellm_lib.data.sampler`); resuming mid-epoch starts at micro-batch
+  ``step_in_epoch * grad_accum`` without touching the ones before.
+- Checkpoints are taken only between optimizer steps, after everything that step triggers:
+  at an epoch end the order is train step -> validation -> EarlyStopping -> best.pt ->
+  step checkpoint, so resuming neither repeats nor skips a validation. Step checkpoints are
+  written every ``save_steps`` steps, at every epoch end, at every improvement (best.pt's
+  resumable companion) and when the run stops (``--max-steps``, early stop, the end).
+- The RNG states in a checkpoint are those after all of that, so the dropout masks of the
+  next step are the uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from timellm_lib.config import Config
+from timellm_lib.data.sampler import ResumableLoader
+from timellm_lib.errors import WorkbenchError
+from timellm_lib.evaluation import autocast, evaluate
+from timellm_lib.models.output import as_forecast
+from timellm_lib.training.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    load_checkpoint,
+    load_model_weights,
+    remove_temp_files,
+    rotate_step_checkpoints,
+    save_checkpoint,
+    select_resume_checkpoint,
+    step_files,
+    step_name,
+    write_text_atomic,
+)
+from timellm_lib.training.early_stopping import EarlyStopping
+from timellm_lib.training.ema import EMA
+from timellm_lib.training.metrics_log import MetricsLog, rewind_log
+from timellm_lib.training.rng import capture_rng_state, restore_rng_state, seed_everything
+from timellm_lib.training.schedulers import build_scheduler
+
+log = logging.getLogger(__name__)
+
+# Config keys a resume may change (anything else must match the checkpoint's config).
+RESUME_MAY_CHANGE = {
+    "train.lr",
+    "train.epochs",
+    "train.patience",
+    "train.delta",
+    "train.save_steps",
+    "train.save_total_limit",
+    "train.eval_steps",
+    "train.log_steps",
+    "train.threads",
+    "train.device",
+    "train.on_nan",
+    "data.num_workers",  # batches are gathered identically with or without workers
+}
+
+
+class TrainingError(WorkbenchError):
+    """Training cannot start or go on (impossible settings, a non-finite loss)."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did; ``summary()`` says it in one line."""
+
+    run_dir: Path
+    global_step: int
+    epoch: int
+    finished: bool  # reached the configured end or stopped early (final.pt written)
+    stopped_early: bool
+    best_score: float | None
+    test: dict[str, Any] | None = None  # eval_test.json contents when the run finished now
+    status: str = ""  # finished | stopped early | paused | already complete
+    resumed_from: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        best = "none yet" if self.best_score is None else f"{-self.best_score:.6g}"
+        text = (
+            f"run {self.run_dir}: {self.status} at global_step {self.global_step} "
+            f"(epoch {self.epoch}); best val loss {best}"
+        )
+        if self.test:
+            text += f"; test mse {self.test['mse']:.6g} mae {self.test['mae']:.6g}"
+        if self.status == "paused":
+            text += "; continue with --resume auto"
+        return text
+
+
+@dataclass
+class _Run:
+    """The live pieces of one run, passed to the helpers of the loop."""
+
+    cfg: Config
+    run_dir: Path
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    datasets: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    ema: EMA | None
+    stopper: EarlyStopping
+    metrics: MetricsLog | None
+    train_steps: int
+    total_steps: int
+    global_step: int = 0
+    last_saved_step: int = -1
+    best_companion: str | None = None  # step checkpoint best.pt resumes from
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def event(self, name: str, epoch: int | None = None, **fields: Any) -> None:
+        """One metrics.jsonl line; epoch defaults to that of the last optimizer step."""
+        if epoch is None:
+            epoch = max(self.global_step - 1, 0) // self.train_steps
+        known = {
+            "global_step": self.global_step,
+            "epoch": epoch,
+            "lr": self.lr,
+            "best_score": self.stopper.best_score,
+            "counter": self.stopper.counter,
+        }
+        self.metrics.write(name, **{**known, **fields})
+
+
+def train(
+    cfg: Config,
+    run_dir: str | Path | None = None,
+    resume: str | None = None,
+    max_steps: int | None = None,
+    resume_new_lr: bool = False,
+    resume_reset_scheduler: bool = False,
+    resume_counter: int | None = None,
+    progress: bool = True,
+    model: nn.Module | None = None,
+    datasets: Any = None,
+) -> TrainResult:
+    """Train ``cfg`` (or continue it) and return what happened.
+
+    ``resume``: None starts fresh (refused when the run directory already holds checkpoints);
+    ``auto`` the newest valid checkpoint or a fresh start when there is none; ``last`` the
+    newest step checkpoint; ``best`` best.pt's companion step checkpoint; or a path.
+    ``max_steps`` ends the run once global_step reaches it, after a step checkpoint, exactly
+    as an interruption would (no final.pt, no test). ``resume_new_lr`` keeps the optimizer
+    moments but makes ``train.lr`` the base lr (the schedule's current factor still applies;
+    add ``resume_reset_scheduler`` to start the schedule over from the current step);
+    ``resume_counter`` overrides the EarlyStopping counter. ``model``/``datasets`` replace
+    the ones the config would build (tests, notebooks); after a finished run ``model`` holds
+    best.pt's weights (those the test split was evaluated with).
+    """
+    t = cfg.train
+    device = _pick_device(t.device)
+    amp_dtype = _amp_dtype(t.amp, device)
+    if max_steps is not None and max_steps < 1:
+        raise TrainingError(f"--max-steps {max_steps} must be at least 1")
+    if resume_counter is not None and resume_counter < 0:
+        raise TrainingError(f"--resume-counter {resume_counter} must not be negative")
+    if resume is None and (resume_new_lr or resume_reset_scheduler or resume_counter is not None):
+        raise TrainingError(
+            "--resume-new-lr, --resume-reset-scheduler and --resume-counter only apply when "
+            "resuming; add --resume auto|last|best|PATH"
+        )
+    cfg, run_dir = _resolve_run_dir(cfg, run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+
+    # -- 1. where to start: decided before anything is written ------------------------------
+    found = select_resume_checkpoint(run_dir, resume) if resume else None
+    if found is None:
+        if resume:
+            log.warning("no valid checkpoint in %s; starting from scratch", ckpt_dir)
+        elif step_files(ckpt_dir) or (ckpt_dir / "final.pt").exists():
+            raise TrainingError(
+                f"{run_dir} already holds checkpoints; pass --resume auto to continue that run "
+                "or choose another --run-dir (or run.run_id) for a new one"
+            )
+        ckpt_path, ckpt, changes = None, None, {}
+    else:
+        ckpt_path, ckpt = found
+        changes = _config_changes(ckpt["config"], cfg.to_dict())
+        done = _already_done(run_dir, ckpt_path, ckpt, cfg, max_steps, resume_counter)
+        if done:
+            log.info("%s", done.notes[0])
+            return done
+
+    # -- 2. build everything ------------------------------------------------------------------
+    seed_everything(t.seed)
+    if datasets is None:
+        from timellm_lib.data import build_datasets
+
+        datasets = build_datasets(cfg.data)
+    if model is None:
+        from timellm_lib.models import build_model
+
+        model = build_model(cfg, datasets.n_in, datasets.n_out)
+    model.to(device)
+    loader = ResumableLoader(datasets.train, cfg.data.batch_size, t.seed, cfg.data.num_workers)
+    train_steps = len(loader) // t.grad_accum
+    if train_steps == 0:
+        raise TrainingError(
+            f"the training split has {len(datasets.train)} windows, fewer than one optimizer "
+            f"step needs (batch_size {cfg.data.batch_size} x grad_accum {t.grad_accum}); lower "
+            "data.batch_size or train.grad_accum, or use more data"
+        )
+    total_steps = t.epochs * train_steps
+    optimizer = _build_optimizer(model, t)
+    run = _Run(
+        cfg=cfg,
+        run_dir=run_dir,
+        device=device,
+        amp_dtype=amp_dtype,
+        datasets=datasets,
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, t, train_steps, total_steps),
+        scaler=torch.amp.GradScaler("cuda") if t.amp == "fp16" else None,
+        ema=EMA(model, t.ema_decay) if t.ema_decay > 0 else None,
+        stopper=EarlyStopping(t.patience, t.delta),
+        metrics=None,
+        train_steps=train_steps,
+        total_steps=total_steps,
+    )
+
+    # -- 3. fresh start or restore ------------------------------------------------------------
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if ckpt is None:
+        if hasattr(model, "build_memory"):  # e.g. GRA-M: its buffers then live in checkpoints
+            model.build_memory(datasets.train, torch.Generator().manual_seed(t.seed))
+        run.metrics = MetricsLog(run_dir / "metrics.jsonl", fresh=True)
+    else:
+        _restore(
+            run, ckpt_path, ckpt, changes, resume_new_lr, resume_reset_scheduler, resume_counter
+        )
+    write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
+
+    # -- 4. the loop, then final.pt and the test split ------------------------------------------
+    end_step = total_steps if max_steps is None else min(max_steps, total_steps)
+    with _torch_threads(t.threads):
+        _loop(run, loader, end_step, progress)
+        finished = run.global_step >= total_steps or run.stopper.should_stop
+        test = _finish(run) if finished else None
+    run.metrics.close()
+    stopped_early = finished and run.global_step < total_steps
+    return TrainResult(
+        run_dir=run_dir,
+        global_step=run.global_step,
+        epoch=run.global_step // train_steps,
+        finished=finished,
+        stopped_early=stopped_early,
+        best_score=run.stopper.best_score,
+        test=test,
+        status="stopped early" if stopped_early else ("finished" if finished else "paused"),
+        resumed_from=str(ckpt_path) if ckpt_path else None,
+    )
+
+
+def _loop(run: _Run, loader: ResumableLoader, end_step: int, progress: bool) -> None:
+    """Optimizer steps from run.global_step until end_step or EarlyStopping says stop."""
+    t, train_steps, ga = run.cfg.train, run.train_steps, run.cfg.train.grad_accum
+    bar = tqdm(total=run.total_steps, initial=run.global_step, disable=not progress, desc="train")
+    run.model.train()
+    while run.global_step < end_step and not run.stopper.should_stop:
+        epoch, step_in_epoch = divmod(run.global_step, train_steps)
+        batches = loader.epoch(epoch, start=step_in_epoch * ga, stop=train_steps * ga)
+        for _ in range(step_in_epoch, train_steps):
+            lr = run.lr
+            warmup = min(1.0, run.global_step / t.aux_warmup_steps) if t.aux_warmup_steps else 1.0
+            stats = _optimizer_step(run, [next(batches) for _ in range(ga)], warmup)
+            run.global_step += 1
+            bar.update(1)
+            if run.global_step % t.log_steps == 0 or "skipped" in stats:
+                run.event("train", lr=lr, aux_warmup=warmup, **stats)
+                bar.set_postfix(loss=f"{stats['loss']:.4g}")
+
+            end_of_epoch = run.global_step % train_steps == 0
+            if end_of_epoch or (t.eval_steps and run.global_step % t.eval_steps == 0):
+                _validate(run)  # -> val event, EarlyStopping, best.pt + its companion
+            stop = run.stopper.should_stop or run.global_step >= end_step
+            if end_of_epoch or stop or (t.save_steps and run.global_step % t.save_steps == 0):
+                _save_step(run)
+            if stop:
+                break
+    bar.close()
+
+
+def checkpoint_payload(run: _Run, kind: str) -> dict[str, Any]:
+    """The checkpoint dict: flat, readable, loadable with ``torch.load(weights_only=True)``."""
+    epoch, step_in_epoch = divmod(run.global_step, run.train_steps)
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,  # step | final
+        "global_step": run.global_step,
+        "epoch": epoch,
+        "step_in_epoch": step_in_epoch,
+        "train_steps": run.train_steps,
+        "model": run.model.state_dict(),  # trainable weights + buffers, no frozen backbone
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler else None,
+        "ema": run.ema.state_dict() if run.ema else None,
+        "early_stopping": run.stopper.state_dict(),
+        "rng": capture_rng_state(),
+        "sampler": {
+            "seed": run.cfg.train.seed,
+            "epoch": epoch,
+            "position": step_in_epoch * run.cfg.train.grad_accum,  # micro-batches consumed
+        },
+        "config": run.cfg.to_dict(),
+        "backbone": _backbone(run.cfg, run.model),
+        "metrics_lines": run.metrics.lines,
+        "lr": run.lr,
+    }
+
+
+def best_payload(run: _Run) -> dict[str, Any]:
+    """best.pt: for inference (no optimizer); ``resume_from`` names its resumable companion."""
+    weights = run.model.state_dict()
+    if run.ema and run.cfg.train.eval_with_ema:
+        weights = run.ema.averaged_state_dict(run.model)
+    epoch, step_in_epoch = divmod(run.global_step, run.train_steps)
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "best",
+        "global_step": run.global_step,
+        "epoch": epoch,
+        "step_in_epoch": step_in_epoch,
+        "train_steps": run.train_steps,
+        "model": weights,
+        "early_stopping": run.stopper.state_dict(),
+        "config": run.cfg.to_dict(),
+        "backbone": _backbone(run.cfg, run.model),
+        "lr": run.lr,
+        "resume_from": step_name(run.global_step),
+    }
+
+
+# ---------------------------------------------------------------------------- one step
+
+
+def _optimizer_step(run: _Run, micro_batches: list, warmup: float) -> dict[str, float]:
+    """Forward and backward over ``grad_accum`` micro-batches, then one optimizer step.
+
+    Returns the step's mean loss parts for the log. A non-finite loss is handled as
+    ``train.on_nan`` says: stop (raise), skip the update, or reload the newest checkpoint's
+    weights and optimizer and go on with the next batch.
+    """
+    t = run.cfg.train
+    sums: dict[str, float] = {}
+    for x, y in micro_batches:
+        x, y = x.to(run.device), y.to(run.device)
+        with autocast(run.device, run.amp_dtype):
+            out = as_forecast(run.model(x, y))
+        mse = F.mse_loss(out.pred.float(), y)
+        aux = {f"aux_{k}": v.float() for k, v in out.aux_losses.items()}
+        loss = mse + warmup * sum(aux.values())
+        if not torch.isfinite(loss):
+            return _non_finite(run, float(loss.detach()))
+        backward = loss / len(micro_batches)
+        (run.scaler.scale(backward) if run.scaler else backward).backward()
+        parts = {"loss": loss, "mse": mse, **aux, **out.diagnostics}
+        for k, v in parts.items():
+            value = float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+            sums[k] = sums.get(k, 0.0) + value / len(micro_batches)
+    if t.grad_clip > 0:
+        if run.scaler:
+            run.scaler.unscale_(run.optimizer)
+        params = [p for p in run.model.parameters() if p.requires_grad]
+        sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip))
+    if run.scaler:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    if run.ema:
+        run.ema.update(run.model)
+    return sums
+
+
+def _non_finite(run: _Run, loss: float) -> dict[str, float]:
+    step = run.global_step + 1
+    policy = run.cfg.train.on_nan
+    if policy == "stop":
+        raise TrainingError(
+            f"the loss became {loss} at global_step {step}; lower train.lr, set train.grad_clip, "
+            "or set train.on_nan to skip or reload"
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    if policy == "reload":
+        found = select_resume_checkpoint(run.run_dir, "last") if step_files(run.ckpt_dir) else None
+        if found is None:
+            raise TrainingError(
+                f"the loss became {loss} at global_step {step} and train.on_nan = reload, but "
+                "there is no checkpoint to reload yet; use train.on_nan = skip or stop"
+            )
+        load_model_weights(run.model, found[1]["model"])
+        _load_training_state(run, found[1])
+        log.warning("loss %s at step %d: reloaded weights of %s", loss, step, found[0].name)
+    else:
+        log.warning("loss %s at step %d: update skipped", loss, step)
+    run.scheduler.step()  # the schedule stays aligned with global_step
+    return {"loss": loss, "skipped": 1.0}
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _validate(run: _Run) -> None:
+    """Validation loss over all val windows, EarlyStopping update, best.pt on improvement."""
+    metrics = _evaluate(run, run.datasets.val, with_ema=True)
+    run.model.train()
+    improved = run.stopper.step(metrics["mse"])
+    run.event(
+        "val",
+        val_loss=metrics["mse"],
+        val_mae=metrics["mae"],
+        n_windows=metrics["n_windows"],
+        improved=improved,
+        val_loss_min=run.stopper.val_loss_min,
+    )
+    if improved:
+        _save_best(run)
+    if run.stopper.should_stop:
+        run.event("early_stop", patience=run.stopper.patience)
+
+
+def _evaluate(run: _Run, dataset: Any, with_ema: bool) -> dict[str, Any]:
+    """Window-weighted metrics; ``with_ema`` uses the EMA weights when train.eval_with_ema."""
+    if with_ema and run.ema and run.cfg.train.eval_with_ema:
+        with run.ema.applied(run.model):
+            return _evaluate(run, dataset, with_ema=False)
+    return evaluate(run.model, dataset, run.cfg.data.eval_batch_size, run.device, run.amp_dtype)
+
+
+# ---------------------------------------------------------------------------- saving
+
+
+def _save_best(run: _Run) -> None:
+    """best.pt first, then its companion step checkpoint: a crash in between leaves a best.pt
+    newer than every step checkpoint, which the resume discards and the replay rewrites; the
+    other order could leave a step checkpoint whose EarlyStopping state points to a best.pt
+    that was never written."""
+    run.event(
+        "save", kind="best", path="checkpoints/best.pt", epoch=run.global_step // run.train_steps
+    )
+    save_checkpoint(run.ckpt_dir / "best.pt", best_payload(run))
+    run.best_companion = step_name(run.global_step)
+    _save_step(run)
+
+
+def _save_step(run: _Run, kind: str = "step") -> None:
+    """Write step_<global_step>.pt (once per step) or final.pt, then rotate step files.
+    The save event is logged first so the checkpoint's metrics_lines includes it."""
+    if kind == "step" and run.last_saved_step == run.global_step:
+        return
+    name = step_name(run.global_step) if kind == "step" else "final.pt"
+    epoch, step_in_epoch = divmod(run.global_step, run.train_steps)
+    run.event(
+        "save", kind=kind, path=f"checkpoints/{name}", epoch=epoch, step_in_epoch=step_in_epoch
+    )
+    save_checkpoint(run.ckpt_dir / name, checkpoint_payload(run, kind))
+    if kind == "step":
+        run.last_saved_step = run.global_step
+        protect = {name} | ({run.best_companion} if run.best_companion else set())
+        rotate_step_checkpoints(run.ckpt_dir, run.cfg.train.save_total_limit, protect)
+
+
+def _finish(run: _Run) -> dict[str, Any]:
+    """final.pt, then the test split with best.pt's weights (the test split never decides
+    anything during training). final.pt is resumable, and a run only counts as complete
+    once eval_test.json exists too, so a crash between the two is repaired on resume."""
+    _save_step(run, kind="final")
+    best = run.ckpt_dir / "best.pt"
+    if best.is_file():
+        payload = load_checkpoint(best)
+        load_model_weights(run.model, payload["model"])
+        used, at_step = "best.pt", payload["global_step"]
+        metrics = _evaluate(run, run.datasets.test, with_ema=False)  # best.pt holds EMA if used
+    else:  # only after resuming from before a discarded best.pt without a new improvement
+        log.warning("no best.pt; evaluating the test split with the final weights")
+        used, at_step = "final.pt", run.global_step
+        metrics = _evaluate(run, run.datasets.test, with_ema=True)
+    result = {"split": "test", **metrics, "checkpoint": used, "checkpoint_global_step": at_step}
+    write_text_atomic(run.run_dir / "eval_test.json", _json(result))
+    run.event("test", **{k: v for k, v in result.items() if k != "split"})
+    return result
+
+
+# ---------------------------------------------------------------------------- resuming
+
+
+def _restore(
+    run: _Run,
+    path: Path,
+    ckpt: dict[str, Any],
+    changes: dict[str, list],
+    new_lr: bool,
+    reset_scheduler: bool,
+    counter: int | None,
+) -> None:
+    """Put every piece of state back; the RNG last, right before the loop starts."""
+    t = run.cfg.train
+    if ckpt["train_steps"] != run.train_steps:
+        raise CheckpointError(
+            f"{path.name} was made with {ckpt['train_steps']} optimizer steps per epoch, this "
+            f"run has {run.train_steps}: the training data or batch size changed; resume with "
+            "the checkpoint's data and config"
+        )
+    saved, current = ckpt["backbone"], _backbone(run.cfg, run.model)
+    if saved.get("fingerprint") != current.get("fingerprint"):
+        raise CheckpointError(
+            f"{path.name} belongs to backbone {saved.get('name')!r} (fingerprint "
+            f"{saved.get('fingerprint')}), but this model's backbone is {current.get('name')!r} "
+            f"(fingerprint {current.get('fingerprint')}); use the backbone it was trained with"
+        )
+    load_model_weights(run.model, ckpt["model"])
+    _load_training_state(run, ckpt)
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    missing_es = run.stopper.load_state_dict(ckpt.get("early_stopping"))
+    if missing_es:
+        log.warning(
+            "%s has no EarlyStopping fields %s (an older checkpoint): they start as best_score "
+            "None, val_loss_min inf, counter 0",
+            path.name,
+            missing_es,
+        )
+    run.global_step = ckpt["global_step"]
+
+    lr_before = run.lr
+    if reset_scheduler:
+        for group in run.optimizer.param_groups:
+            group["initial_lr"] = t.lr
+        run.scheduler = build_scheduler(
+            run.optimizer, t, run.train_steps, run.total_steps, origin=run.global_step
+        )
+    elif new_lr:
+        factor = run.scheduler.lr_lambdas[0](run.scheduler.last_epoch)
+        for group in run.optimizer.param_groups:
+            group["initial_lr"] = t.lr
+            group["lr"] = t.lr * factor
+        run.scheduler.base_lrs = [t.lr] * len(run.optimizer.param_groups)
+        run.scheduler._last_lr = [g["lr"] for g in run.optimizer.param_groups]
+    elif "train.lr" in changes:
+        log.warning(
+            "train.lr changed from %s to %s but the optimizer keeps the checkpoint's lr; add "
+            "--resume-new-lr to use the new one",
+            *changes["train.lr"],
+        )
+    counter_before = run.stopper.counter
+    if counter is not None:
+        run.stopper.counter = counter
+
+    discarded = _discard_newer(run, path)
+    remove_temp_files(run.ckpt_dir)
+    if (run.ckpt_dir / "best.pt").is_file():
+        run.best_companion = load_checkpoint(run.ckpt_dir / "best.pt", peek=True)["resume_from"]
+    source = path.parent.parent / "metrics.jsonl" if path.parent.name == "checkpoints" else None
+    kept = rewind_log(source, run.run_dir / "metrics.jsonl", ckpt["metrics_lines"])
+    run.metrics = MetricsLog(run.run_dir / "metrics.jsonl", fresh=False)
+    epoch, step_in_epoch = divmod(run.global_step, run.train_steps)
+    run.event(
+        "resume",
+        epoch=epoch,
+        step_in_epoch=step_in_epoch,
+        kind=ckpt["kind"],
+        metrics_lines_kept=kept,
+        config_changes=changes,
+        resume_new_lr=new_lr,
+        resume_reset_scheduler=reset_scheduler,
+        lr_before=lr_before,
+        resume_counter=counter,
+        counter_before=counter_before,
+        early_stopping_missing=missing_es,
+        discarded=discarded,
+        **{"from": _relative(path, run.run_dir)},
+    )
+    log.info(
+        "resumed from %s at global_step %d (epoch %d, step %d)",
+        path,
+        run.global_step,
+        epoch,
+        step_in_epoch,
+    )
+    restore_rng_state(ckpt["rng"])
+
+
+def _load_training_state(run: _Run, ckpt: dict[str, Any]) -> None:
+    """Optimizer, AMP scaler and EMA (the state that moves with the weights)."""
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    if run.scaler:
+        run.scaler.load_state_dict(ckpt["scaler"])
+    if run.ema:
+        run.ema.load_state_dict(ckpt["ema"])
+
+
+def _discard_newer(run: _Run, path: Path) -> list[str]:
+    """Delete checkpoints of this run newer than the one resumed from: they belong to the
+    abandoned continuation, and --resume auto must never pick them up later."""
+    newer = [p for step, p in step_files(run.ckpt_dir) if step > run.global_step]
+    for name in ("final.pt", "best.pt"):
+        other = run.ckpt_dir / name
+        if other.is_file() and other != path:
+            try:
+                if load_checkpoint(other, peek=True)["global_step"] > run.global_step:
+                    newer.append(other)
+            except CheckpointError:
+                newer.append(other)
+    for p in newer:
+        p.unlink()
+    if newer:
+        log.warning("discarded checkpoints newer than the resumed one: %s", [p.name for p in newer])
+    return [p.name for p in newer]
+
+
+def _already_done(
+    run_dir: Path, path: Path, ckpt: dict, cfg: Config, max_steps: int | None, counter: int | None
+) -> TrainResult | None:
+    """The result to return when resuming would do nothing (and so must change nothing):
+    the run is complete (final.pt and eval_test.json written, position at the configured
+    end or early-stopped), or the position is already at ``max_steps``."""
+    step = ckpt["global_step"]
+    es = ckpt.get("early_stopping") or {}
+    at_end = step >= cfg.train.epochs * ckpt["train_steps"]
+    stopped = (counter if counter is not None else es.get("counter", 0)) >= cfg.train.patience
+    written = (run_dir / "checkpoints/final.pt").is_file() and (
+        run_dir / "eval_test.json"
+    ).is_file()
+    if written and (at_end or stopped):
+        how = "reached the configured end" if at_end else "stopped early"
+        status, note = "already complete", f"the run {how} at global_step {step}; nothing to do"
+    elif max_steps is not None and step >= max_steps:
+        status, note = "paused", f"global_step {step} is already at --max-steps {max_steps}"
+    else:
+        return None
+    complete = status == "already complete"
+    return TrainResult(
+        run_dir=run_dir,
+        global_step=step,
+        epoch=ckpt["epoch"],
+        finished=complete,
+        stopped_early=complete and not at_end,
+        best_score=es.get("best_score"),
+        test=json.loads((run_dir / "eval_test.json").read_text()) if complete else None,
+        status=status,
+        resumed_from=str(path),
+        notes=[note],
+    )
+
+
+def _config_changes(saved: dict, current: dict) -> dict[str, list]:
+    """Keys whose values differ, as {key: [checkpoint value, current value]}; raises when a
+    key outside RESUME_MAY_CHANGE differs. Keys an older checkpoint lacks count as default."""
+    a, b, defaults = _flatten(saved), _flatten(current), _flatten(Config().to_dict())
+    changes = {}
+    for key in sorted(set(a) | set(b)):
+        old = a.get(key, defaults.get(key, "<absent>"))
+        new = b.get(key, "<absent>")
+        if old != new:
+            changes[key] = [old, new]
+    refused = {
+        k: v for k, v in changes.items() if k not in RESUME_MAY_CHANGE and not k.startswith("run.")
+    }
+    if refused:
+        listed = "; ".join(f"{k}: checkpoint {v[0]!r}, now {v[1]!r}" for k, v in refused.items())
+        raise CheckpointError(
+            f"the config differs from the checkpoint's in keys a resume cannot change: {listed}. "
+            "Resume with the checkpoint's values (its config.yaml) or start a new run; a resume "
+            f"may change only {sorted(RESUME_MAY_CHANGE)} and run.*"
+        )
+    return changes
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device = cuda but no CUDA GPU is available; use auto or cpu")
+    return torch.device(name)
+
+
+def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "fp16" and device.type != "cuda":
+        raise TrainingError(
+            "train.amp = fp16 needs a CUDA GPU (its loss scaling is CUDA-only); on CPU use "
+            "train.amp = bf16"
+        )
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def _build_optimizer(model: nn.Module, t: Any) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("the model has no trainable parameters")
+    cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+@contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """Use ``threads`` torch threads (0: leave as is) and restore the previous count after."""
+    before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _backbone(cfg: Config, model: nn.Module) -> dict[str, str | None]:
+    fingerprint = getattr(model, "backbone_fingerprint", None)
+    return {"name": cfg.model.backbone if fingerprint else None, "fingerprint": fingerprint}
+
+
+def _resolve_run_dir(cfg: Config, run_dir: str | Path | None) -> tuple[Config, Path]:
+    """The run directory; a missing run.run_id becomes a timestamp (recorded in the config)."""
+    if run_dir is not None:
+        return cfg, Path(run_dir)
+    if not cfg.run.run_id:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run_id=stamp))
+    return cfg, Path(cfg.run.output_dir) / cfg.run.experiment / cfg.run.run_id
+
+
+def _relative(path: Path, run_dir: Path) -> str:
+    """``path`` relative to the run directory when inside it (checkpoints/step_...pt)."""
+    try:
+        return str(path.resolve().relative_to(run_dir.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, indent=2) + "\n"
