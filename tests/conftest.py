@@ -18,6 +18,8 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def etth1_path() -> Path:
     """ETTh1.csv from ../shared (CI has it beside the clone); TIMELLM_ETTH1 overrides."""
-    path = Path(os.environ.get("TIMELLM_ETTH1", REPO_ROOT.parent / "shared/data/ETT-small/ETTh1.csv"))
+    path = Path(
+        os.environ.get("TIMELLM_ETTH1", REPO_ROOT.parent / "shared/data/ETT-small/ETTh1.csv")
+    )
     assert path.is_file(), f"ETTh1.csv not found at {path}; set TIMELLM_ETTH1 to its location"
     return path

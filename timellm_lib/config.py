@@ -28,7 +28,9 @@ class ConfigError(WorkbenchError, ValueError):
 class DataConfig:
     source: Literal["synthetic", "ett", "csv"] = "synthetic"  # synthetic is written to data/
     path: str = "data/synthetic_ett.csv"  # CSV file (ETT or generic); synthetic is written here
-    freq: Literal["h", "15min"] = "h"  # ETTh* (hourly) or ETTm* (15 minutes): borders, time features
+    freq: Literal["h", "15min"] = (
+        "h"  # ETTh* (hourly) or ETTm* (15 minutes): borders, time features
+    )
     features: Literal["M", "S", "MS"] = "M"  # M: all->all, S: target->target, MS: all->target
     target: str = "OT"
     date_column: str = "date"
