@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import yaml
 
 from timellm_lib import batch
+from timellm_lib.cli import build_parser
 from timellm_lib.errors import WorkbenchError
 
 
@@ -133,11 +133,9 @@ def test_plan_yaml_reads_exponent_floats_as_numbers(tmp_path):
 def test_batch_runs_every_notebook_and_reports_the_failure(plan, tmp_path, capsys):
     """Three real papermill runs: two grid points succeed, divisor 0 fails in its cell."""
     (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan | {"cwd": str(tmp_path)}))
-    parser = argparse.ArgumentParser()
-    batch.add_batch_arguments(parser)
     csv = tmp_path / "summary.csv"
-    args = parser.parse_args(
-        [str(tmp_path / "plan.yaml"), "--no-progress", "--summary-csv", str(csv)]
+    args = build_parser().parse_args(
+        ["batch", str(tmp_path / "plan.yaml"), "--no-progress", "--summary-csv", str(csv)]
     )
     assert batch.run_batch(args) == 1
 

@@ -13,6 +13,7 @@ from matplotlib.container import ErrorbarContainer
 from test_runs import TRAIN_STEPS, make_runs
 
 from timellm_lib import plots
+from timellm_lib.cli import build_parser
 from timellm_lib.errors import WorkbenchError
 from timellm_lib.runs import LONG_COLUMNS
 
@@ -192,11 +193,9 @@ def test_runs_explorer_redraws_only_the_chosen_runs(runs, monkeypatch):
 
 
 def test_timellm_plot_writes_png_and_long_csv(runs, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    plots.add_plot_arguments(parser)
     out_png, out_csv = tmp_path / "figs" / "loss.png", tmp_path / "figs" / "loss.csv"
-    args = parser.parse_args(
-        [str(runs["finished"]), str(runs["resumed"]), "--smooth", "2"]
+    args = build_parser().parse_args(
+        ["plot", str(runs["finished"]), str(runs["resumed"]), "--smooth", "2"]
         + ["--out-png", str(out_png), "--out-csv", str(out_csv), "--title", "t"]
     )
     assert plots.run_plot(args) == 0

@@ -245,18 +245,6 @@ def run_plan(
 # ------------------------------------------------------------------------------ timellm batch
 
 
-def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``timellm batch``."""
-    parser.add_argument("plan", help="YAML plan of notebook runs (see timellm_lib/batch.py)")
-    parser.add_argument(
-        "--cwd", metavar="DIR", help="where notebooks run (default: the plan's cwd, else .)"
-    )
-    parser.add_argument(
-        "--summary-csv", metavar="FILE", help="also write the summary table to this CSV file"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
 def format_summary(summary: pd.DataFrame) -> str:
     """The table without errors, then each failure with its error on its own lines."""
     lines = [summary.drop(columns="error").to_string(index=False)]

@@ -51,6 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("plot", help="loss curves of runs to a PNG and a long-format CSV")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    p.add_argument(
+        "--smooth", type=int, default=1, metavar="N", help="moving average of train loss"
+    )
+    p.add_argument("--out-png", default="loss_curves.png", metavar="FILE", help="figure (PNG)")
+    p.add_argument("--out-csv", default="loss_curves.csv", metavar="FILE", help="long-format CSV")
+    p.add_argument("--title", metavar="TEXT", help="figure title")
+
+    p = sub.add_parser("batch", help="papermill runs of notebooks from a YAML plan")
+    p.add_argument("plan", help="YAML plan of notebook runs (see timellm_lib/batch.py)")
+    p.add_argument("--cwd", metavar="DIR", help="where notebooks run (default: plan's cwd, else .)")
+    p.add_argument("--summary-csv", metavar="FILE", help="also write the summary table as CSV")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     p = sub.add_parser("trace", help="stage-by-stage tensor shapes of the model")
     _add_config_args(p)
     p.add_argument("--batch-size", type=int, default=32)
@@ -118,7 +133,25 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "inspect": _cmd_inspect, "trace": _cmd_trace}
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from timellm_lib.plots import run_plot
+
+    return run_plot(args)
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from timellm_lib.batch import run_batch
+
+    return run_batch(args)
+
+
+COMMANDS = {
+    "train": _cmd_train,
+    "inspect": _cmd_inspect,
+    "trace": _cmd_trace,
+    "plot": _cmd_plot,
+    "batch": _cmd_batch,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -566,21 +566,6 @@ class RunsExplorer:
 # -------------------------------------------------------------------------------- timellm plot
 
 
-def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``timellm plot``."""
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
-    parser.add_argument(
-        "--smooth", type=int, default=1, metavar="N", help="moving average of the train loss"
-    )
-    parser.add_argument(
-        "--out-png", default="loss_curves.png", metavar="FILE", help="figure file (PNG)"
-    )
-    parser.add_argument(
-        "--out-csv", default="loss_curves.csv", metavar="FILE", help="long-format metrics CSV"
-    )
-    parser.add_argument("--title", metavar="TEXT", help="figure title")
-
-
 def run_plot(args: argparse.Namespace) -> int:
     """Draw the loss curves of the runs to a PNG and export their metrics in long format."""
     fig = loss_curves_mpl(args.run_dirs, smooth=args.smooth, title=args.title)

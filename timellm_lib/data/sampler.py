@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 Batch = tuple[Tensor, Tensor]
+IndexedBatch = tuple[Tensor, Tensor, Tensor]  # x, y and the windows' indices in the dataset
 
 
 class Windows(Protocol):
@@ -63,8 +64,8 @@ class _BatchFetcher(TorchDataset):
     def __init__(self, dataset: Windows) -> None:
         self.dataset = dataset
 
-    def __getitem__(self, idx: Tensor) -> Batch:
-        return fetch_batch(self.dataset, idx)
+    def __getitem__(self, idx: Tensor) -> IndexedBatch:
+        return (*fetch_batch(self.dataset, idx), idx)
 
 
 class _SeedWorker:
@@ -101,11 +102,12 @@ class ResumableLoader:
         stop = len(self) if stop is None else min(stop, len(self))
         return [perm[b * bs : (b + 1) * bs] for b in range(start, stop)]
 
-    def epoch(self, epoch: int, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
-        """The batches ``start`` to ``stop`` of ``epoch``, in order."""
+    def epoch(self, epoch: int, start: int = 0, stop: int | None = None) -> Iterator[IndexedBatch]:
+        """The batches ``start`` to ``stop`` of ``epoch``, in order, with their window indices
+        (a retrieval model uses them to exclude the query's own neighbourhood)."""
         indices = self.batch_indices(epoch, start, stop)
         if self.num_workers == 0:
-            return (fetch_batch(self.dataset, idx) for idx in indices)
+            return ((*fetch_batch(self.dataset, idx), idx) for idx in indices)
         loader = DataLoader(
             _BatchFetcher(self.dataset),
             batch_size=None,  # items are already batches

@@ -380,10 +380,13 @@ def _optimizer_step(run: _Run, micro_batches: list, warmup: float) -> dict[str, 
     """
     t = run.cfg.train
     sums: dict[str, float] = {}
-    for x, y in micro_batches:
+    # a retrieval model (GRA-M) gets the windows' positions so it never retrieves itself
+    pass_index = getattr(run.model, "needs_window_index", False)
+    for x, y, idx in micro_batches:
         x, y = x.to(run.device), y.to(run.device)
+        extra = {"window_index": idx.to(run.device)} if pass_index else {}
         with autocast(run.device, run.amp_dtype):
-            out = as_forecast(run.model(x, y))
+            out = as_forecast(run.model(x, y, **extra))
         mse = F.mse_loss(out.pred.float(), y)
         aux = {f"aux_{k}": v.float() for k, v in out.aux_losses.items()}
         loss = mse + warmup * sum(aux.values())
