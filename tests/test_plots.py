@@ -217,3 +217,21 @@ def test_timellm_plot_refuses_a_folder_that_is_not_a_run(runs, tmp_path):
     with pytest.raises(WorkbenchError, match=f"{tmp_path / 'outputs'} has no metrics.jsonl"):
         plots.run_plot(args)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_live_loss_plot_collects_train_and_val_events_and_redraws_in_place():
+    live = plots.LiveLossPlot(every=2)
+    events = [
+        {"event": "train", "global_step": 1, "loss": 1.0},
+        {"event": "train", "global_step": 2, "loss": 0.8},
+        {"event": "save", "global_step": 2},
+        {"event": "val", "global_step": 2, "val_loss": 0.9},
+        {"event": "train", "global_step": 3, "loss": 0.7},
+    ]
+    for record in events:
+        live(record)
+    assert live.train == [(1, 1.0), (2, 0.8), (3, 0.7)] and live.val == [(2, 0.9)]
+    assert live.draws == 2  # at the 2nd train event (every=2) and at the val event
+    lines = live.figure().axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["train loss", "val loss"]
+    assert list(lines[0].get_ydata()) == [1.0, 0.8, 0.7]

@@ -575,3 +575,52 @@ def run_plot(args: argparse.Namespace) -> int:
     out_csv = export_long_csv(args.run_dirs, args.out_csv)
     print(f"wrote {out_png} and {out_csv}")
     return 0
+
+
+class LiveLossPlot:
+    """A ``train(on_event=...)`` callback that redraws the train and val loss in place.
+
+    The figure is a static matplotlib image updated through a display handle, so it shows
+    live in JupyterLab and its last state is kept in papermill's executed notebook.
+    """
+
+    def __init__(self, every: int = 1, title: str | None = None) -> None:
+        self.every = every
+        self.title = title
+        self.train: list[tuple[int, float]] = []
+        self.val: list[tuple[int, float]] = []
+        self.handle: Any = None  # IPython display handle (None outside IPython)
+        self.draws = 0
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if record["event"] == "train":
+            self.train.append((record["global_step"], record["loss"]))
+            if len(self.train) % self.every:
+                return
+        elif record["event"] == "val":
+            self.val.append((record["global_step"], record["val_loss"]))
+        else:
+            return
+        self.draw()
+
+    def figure(self) -> Figure:
+        fig, ax = _subplots(figsize=(7, 3.2))
+        for points, label, style in [(self.train, "train loss", "-"), (self.val, "val loss", "o-")]:
+            if points:
+                steps, values = zip(*points, strict=True)
+                ax.plot(steps, values, style, label=label)
+        ax.set_xlabel("global_step")
+        ax.set_ylabel("MSE (scaled)")
+        ax.set_title(self.title or "training (live)")
+        ax.legend(loc="upper right")
+        return fig
+
+    def draw(self) -> None:
+        from IPython.display import display
+
+        fig = self.figure()
+        self.draws += 1
+        if self.handle is None:
+            self.handle = display(fig, display_id=True)
+        else:
+            self.handle.update(fig)

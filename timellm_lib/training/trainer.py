@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -135,6 +135,7 @@ class _Run:
     global_step: int = 0
     last_saved_step: int = -1
     best_companion: str | None = None  # step checkpoint best.pt resumes from
+    on_event: Callable[[dict[str, Any]], None] | None = None  # e.g. a notebook's live plot
 
     @property
     def ckpt_dir(self) -> Path:
@@ -155,7 +156,9 @@ class _Run:
             "best_score": self.stopper.best_score,
             "counter": self.stopper.counter,
         }
-        self.metrics.write(name, **{**known, **fields})
+        record = self.metrics.write(name, **{**known, **fields})
+        if self.on_event is not None:
+            self.on_event(record)
 
 
 def train(
@@ -169,6 +172,7 @@ def train(
     progress: bool = True,
     model: nn.Module | None = None,
     datasets: Any = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train ``cfg`` (or continue it) and return what happened.
 
@@ -181,7 +185,8 @@ def train(
     add ``resume_reset_scheduler`` to start the schedule over from the current step);
     ``resume_counter`` overrides the EarlyStopping counter. ``model``/``datasets`` replace
     the ones the config would build (tests, notebooks); after a finished run ``model`` holds
-    best.pt's weights (those the test split was evaluated with).
+    best.pt's weights (those the test split was evaluated with). ``on_event`` receives every
+    metrics.jsonl record as it is written (a notebook draws its live loss plot from them).
     """
     t = cfg.train
     device = _pick_device(t.device)
@@ -253,6 +258,7 @@ def train(
         metrics=None,
         train_steps=train_steps,
         total_steps=total_steps,
+        on_event=on_event,
     )
 
     # -- 3. fresh start or restore ------------------------------------------------------------
