@@ -81,3 +81,8 @@ def test_shipped_configs_load(repo_root):
     d, m = protocol.data, protocol.model
     assert (d.seq_len, d.label_len, d.pred_len, d.features) == (512, 48, 96, "M")
     assert (m.patch_len, m.stride, m.d_model, m.d_ff) == (16, 8, 32, 128)
+
+
+def test_yaml_1_1_boolean_words_stay_strings_only_true_false_are_booleans():
+    assert load_config(overrides=["model.fusion=off"]).model.fusion == "off"
+    assert parse_override("model.use_tapr=true") == ("model.use_tapr", True)

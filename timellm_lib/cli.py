@@ -28,6 +28,11 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint file")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="timellm", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks for bad input")
@@ -46,10 +51,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume-reset-scheduler", action="store_true", help="rebuild the scheduler")
     p.add_argument("--resume-counter", type=int, help="override the EarlyStopping counter")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="K",
+        help="train with K processes on this machine (DDP launched through torchrun: one per "
+        "GPU, or K CPU processes); data.batch_size is the global batch, split across them",
+    )
 
     p = sub.add_parser("inspect", help="show a checkpoint's fields, sizes and digests")
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("eval", help="score a checkpoint on val or test, per step and channel")
+    _add_checkpoint_args(p)
+    p.add_argument("--split", default="test", choices=["val", "test"], help="(test)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="windows per forward")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("predict", help="forecast the test split or a user CSV to .csv/.npz")
+    _add_checkpoint_args(p)
+    p.add_argument(
+        "--input",
+        metavar="CSV",
+        help="forecast what follows the last seq_len rows of this CSV (default: every window "
+        "of the test split, with the truth)",
+    )
+    p.add_argument("--out", required=True, metavar="FILE", help="predictions .csv or .npz")
 
     p = sub.add_parser("plot", help="loss curves of runs to a PNG and a long-format CSV")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
@@ -77,35 +105,83 @@ def _cmd_train(args: argparse.Namespace) -> int:
     """Train or resume. Resuming without --config starts from the resumed run's own
     config.yaml (that of --run-dir, else that of the checkpoint's run directory), so
     ``timellm train --run-dir DIR --resume auto`` is enough; --set still applies on top, for
-    the keys a resume may change."""
+    the keys a resume may change.
+
+    ``--nproc K`` relaunches this command as K torchrun processes. Under torchrun (RANK set)
+    only rank 0 prints: the trainer raises the same error on every rank, so the others exit 2
+    quietly (all of them print with --debug)."""
+    import os
     from pathlib import Path
 
     from timellm_lib.training import train
 
-    _show_training_messages()
+    rank = int(os.environ.get("RANK", "0"))
+    _show_training_messages(quiet=rank > 0 and not args.debug)
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise WorkbenchError(f"--nproc {args.nproc} must be at least 1")
+        if "RANK" in os.environ:
+            raise WorkbenchError(
+                "--nproc launches torchrun itself; under torchrun leave it out (torchrun's "
+                "--nproc-per-node sets the number of processes)"
+            )
+        if args.nproc > 1:
+            from timellm_lib.training.distributed import launch
+
+            return launch(args.nproc, _torchrun_worker_args(args))
     config = args.config
     if config is None and args.resume:
         candidates = [Path(args.run_dir) / "config.yaml"] if args.run_dir else []
         if args.resume not in ("auto", "last", "best"):  # a checkpoint path: its run's config
             candidates.append(Path(args.resume).resolve().parent.parent / "config.yaml")
         config = next((c for c in candidates if c.is_file()), None)
-    cfg = load_config(config, args.overrides)
-    result = train(
-        cfg,
-        run_dir=args.run_dir,
-        resume=args.resume,
-        max_steps=args.max_steps,
-        resume_new_lr=args.resume_new_lr,
-        resume_reset_scheduler=args.resume_reset_scheduler,
-        resume_counter=args.resume_counter,
-        progress=not args.no_progress,
-    )
-    print(result.summary())
+    try:
+        cfg = load_config(config, args.overrides)
+        result = train(
+            cfg,
+            run_dir=args.run_dir,
+            resume=args.resume,
+            max_steps=args.max_steps,
+            resume_new_lr=args.resume_new_lr,
+            resume_reset_scheduler=args.resume_reset_scheduler,
+            resume_counter=args.resume_counter,
+            progress=not args.no_progress,
+        )
+    except WorkbenchError:
+        if rank > 0 and not args.debug:
+            return 2  # rank 0 prints the same message
+        raise
+    if rank == 0:
+        print(result.summary())
     return 0
 
 
-def _show_training_messages() -> None:
-    """Send the trainer's notices (resumed from, skipped a damaged file) to stderr."""
+def _torchrun_worker_args(args: argparse.Namespace) -> list[str]:
+    """This train command's arguments for the torchrun workers: all of them but --nproc."""
+    argv = ["--debug"] if args.debug else []
+    argv.append("train")
+    if args.config:
+        argv += ["--config", args.config]
+    for item in args.overrides:
+        argv += ["--set", item]
+    options = {
+        "--run-dir": args.run_dir,
+        "--resume": args.resume,
+        "--max-steps": args.max_steps,
+        "--resume-counter": args.resume_counter,
+    }
+    argv += [a for flag, value in options.items() if value is not None for a in (flag, str(value))]
+    flags = {
+        "--resume-new-lr": args.resume_new_lr,
+        "--resume-reset-scheduler": args.resume_reset_scheduler,
+        "--no-progress": args.no_progress,
+    }
+    return argv + [flag for flag, on in flags.items() if on]
+
+
+def _show_training_messages(quiet: bool = False) -> None:
+    """Send the trainer's notices (resumed from, skipped a damaged file) to stderr; ``quiet``
+    (ranks above 0 of a distributed run) keeps only errors."""
     import logging
 
     logger = logging.getLogger("timellm_lib.training")
@@ -113,7 +189,7 @@ def _show_training_messages() -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("timellm train: %(levelname)s: %(message)s"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+        logger.setLevel(logging.ERROR if quiet else logging.INFO)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -133,6 +209,18 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from timellm_lib.inference import run_eval
+
+    return run_eval(args)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from timellm_lib.inference import run_predict
+
+    return run_predict(args)
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from timellm_lib.plots import run_plot
 
@@ -149,6 +237,8 @@ COMMANDS = {
     "train": _cmd_train,
     "inspect": _cmd_inspect,
     "trace": _cmd_trace,
+    "eval": _cmd_eval,
+    "predict": _cmd_predict,
     "plot": _cmd_plot,
     "batch": _cmd_batch,
 }
@@ -161,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WorkbenchError as err:
         if args.debug:
             raise
-        message = textwrap.fill(str(err), width=100)
+        message = textwrap.fill(str(err), width=100, break_on_hyphens=False, break_long_words=False)
         print(f"timellm {args.command}: error: {message}", file=sys.stderr)
         return 2
 

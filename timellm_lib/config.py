@@ -66,6 +66,7 @@ class ModelConfig:
     prompt_format: Literal["compact", "published"] = "compact"  # compact rounds statistics
     prompt_precision: int = 3  # significant digits of prompt statistics (compact format)
     backbone_dropout: bool = False  # the published code leaves dropout active in the frozen LM
+    prefix_cache: bool = True  # causal LLMs: the constant prompt head runs once per batch (exact)
     # enhanced model (TAPR, GRA-M) and LLM ablations
     use_tapr: bool = False
     use_gram: bool = False
@@ -101,6 +102,7 @@ class TrainConfig:
     eval_steps: int = 0  # 0: validate at epoch ends only
     log_steps: int = 10
     amp: Literal["off", "bf16", "fp16"] = "off"
+    compile: bool = False  # torch.compile the model in place (for GPUs; state_dict keys unchanged)
     ema_decay: float = 0.0  # 0 disables EMA
     eval_with_ema: bool = False
     grad_accum: int = 1
@@ -109,7 +111,14 @@ class TrainConfig:
     seed: int = 2021
     threads: int = 0  # 0 leaves torch's thread count alone
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
+    # a non-finite loss: stop (naming the last good checkpoint), skip the batch, or reload the
+    # last checkpoint and go on from it with its lr times on_nan_lr_factor
     on_nan: Literal["stop", "skip", "reload"] = "stop"
+    on_nan_lr_factor: float = 0.5  # on_nan = reload: lr multiplier after each reload
+    on_nan_max_reloads: int = 3  # on_nan = reload: stop after this many reloads in one process
+    # a checkpoint that cannot be written (disk full, no permission): stop the run (exit 2),
+    # or log it and train on (later saves try again)
+    on_save_error: Literal["stop", "continue"] = "stop"
 
 
 @dataclass
@@ -188,6 +197,9 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    # YAML 1.1 reads yes/no/on/off as booleans; only true/false mean that here (fusion=off)
+    if isinstance(value, bool) and text.strip().lower() not in {"true", "false"}:
+        value = text.strip()
     # YAML 1.1 reads 5e-4 as a string; numbers written that way are meant as floats
     if isinstance(value, str):
         try:
@@ -289,6 +301,7 @@ def validate(cfg: Config) -> None:
         ("train.log_steps", t.log_steps),
         ("train.patience", t.patience),
         ("train.step_size", t.step_size),
+        ("train.on_nan_max_reloads", t.on_nan_max_reloads),
         ("model.prompt_precision", m.prompt_precision),
     ]:
         need(value >= 1, f"{key} = {value} must be at least 1")
@@ -311,6 +324,10 @@ def validate(cfg: Config) -> None:
     ]:
         need(value >= 0, f"{key} = {value} must not be negative")
     need(t.lr > 0, f"train.lr = {t.lr} must be positive")
+    need(
+        0.0 < t.on_nan_lr_factor <= 1.0,
+        f"train.on_nan_lr_factor = {t.on_nan_lr_factor} must be in (0, 1]",
+    )
     need(
         d.seq_len >= m.patch_len,
         f"data.seq_len = {d.seq_len} is shorter than model.patch_len = {m.patch_len}; "

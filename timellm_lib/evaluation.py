@@ -2,13 +2,27 @@
 
 The MSE of a split is ``sum of squared errors / number of predicted values`` over ALL its
 windows. A mean of per-batch means would weight the smaller last batch too much and change
-with ``eval_batch_size``; summing first (in float64) does not.
+with ``eval_batch_size``; summing first (in float64) does not. The sums are kept per
+(horizon step, channel) cell, so the overall, per-step and per-channel scores all come from
+one pass and always agree with each other.
+
+Two spaces are reported. The *scaled* space (each column standardised with the training
+split's statistics) is the one the published protocol reports and the trainer validates in;
+the *original* space (inverse-transformed) is in the data's own units. Per channel the two
+differ exactly by the scaler: ``mse_original = mse * std**2`` and ``mae_original = mae * std``.
+
+This module scores a model on a dataset; :mod:`timellm_lib.inference` loads checkpoints,
+writes ``eval_<split>.json`` and predictions, and holds the ``timellm eval``/``predict``
+commands.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -17,29 +31,60 @@ from timellm_lib.models.output import as_forecast
 
 
 class ErrorTotals:
-    """Running sums of squared and absolute errors over windows."""
+    """Running float64 sums of squared and absolute errors per (horizon step, channel)."""
 
     def __init__(self) -> None:
-        self.sse = 0.0
-        self.sae = 0.0
-        self.values = 0
+        self.sse: np.ndarray | None = None  # [H, C]
+        self.sae: np.ndarray | None = None  # [H, C]
         self.windows = 0
 
     def add(self, pred: Tensor, y: Tensor) -> None:
+        """Add a batch of forecasts and targets, both [B, H, C]."""
         err = pred.detach().double() - y.detach().double()
-        self.sse += float(err.square().sum())
-        self.sae += float(err.abs().sum())
-        self.values += err.numel()
+        sse = err.square().sum(0).cpu().numpy()
+        sae = err.abs().sum(0).cpu().numpy()
+        if self.sse is None:
+            self.sse, self.sae = sse, sae
+        else:
+            self.sse += sse
+            self.sae += sae
         self.windows += err.shape[0]
 
-    def metrics(self) -> dict[str, float | int]:
-        if self.values == 0:
+    def combine(self, all_sum: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Make these the totals over all processes of a distributed run, each of which
+        scored a shard of the windows; ``all_sum`` sums an array element-wise over them."""
+        sse, sae = self._checked()
+        flat = all_sum(np.concatenate([sse.ravel(), sae.ravel(), [float(self.windows)]]))
+        self.sse = flat[: sse.size].reshape(sse.shape)
+        self.sae = flat[sse.size : 2 * sse.size].reshape(sae.shape)
+        self.windows = int(flat[-1])
+
+    def _checked(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.sse is None or self.windows == 0:
             raise ValueError("no windows were evaluated")
+        return self.sse, self.sae
+
+    def metrics(self) -> dict[str, float | int]:
+        """Overall ``mse``, ``mae`` and ``n_windows``."""
+        sse, sae = self._checked()
+        values = self.windows * sse.size
         return {
-            "mse": self.sse / self.values,
-            "mae": self.sae / self.values,
+            "mse": float(sse.sum()) / values,
+            "mae": float(sae.sum()) / values,
             "n_windows": self.windows,
         }
+
+    def per_horizon(self) -> tuple[np.ndarray, np.ndarray]:
+        """MSE and MAE of each horizon step [H] (over windows and channels)."""
+        sse, sae = self._checked()
+        values = self.windows * sse.shape[1]
+        return sse.sum(1) / values, sae.sum(1) / values
+
+    def per_channel(self) -> tuple[np.ndarray, np.ndarray]:
+        """MSE and MAE of each channel [C] (over windows and horizon steps)."""
+        sse, sae = self._checked()
+        values = self.windows * sse.shape[0]
+        return sse.sum(0) / values, sae.sum(0) / values
 
 
 def autocast(device: torch.device | str, dtype: torch.dtype | None) -> AbstractContextManager:
@@ -50,23 +95,99 @@ def autocast(device: torch.device | str, dtype: torch.dtype | None) -> AbstractC
 
 
 @torch.no_grad()
+def predict(
+    model: nn.Module,
+    x: Tensor,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """The forecast [B, H, C] (float32, on ``device``) of inputs ``x`` [B, L, C_in].
+
+    A forward pass only: eval mode (no dropout), no gradients. The model is left in eval
+    mode; a caller that trains on switches back.
+    """
+    model.eval()
+    with autocast(device, amp_dtype):
+        return as_forecast(model(x.to(device))).pred.float()
+
+
+def forecasts(
+    model: nn.Module,
+    dataset: Windows,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """(forecast, target) batches over every window of ``dataset`` in order, on ``device``
+    (see :func:`predict`); the last batch may be smaller, none is dropped."""
+    for x, y in eval_batches(dataset, batch_size):
+        yield predict(model, x, device, amp_dtype), y.to(device)
+
+
 def evaluate(
     model: nn.Module,
     dataset: Windows,
     batch_size: int,
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
+    all_sum: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, float | int]:
-    """Window-weighted ``mse``, ``mae`` and ``n_windows`` of ``model`` on ``dataset``.
+    """Window-weighted ``mse``, ``mae`` and ``n_windows`` of ``model`` on ``dataset``
+    (scaled space; what the trainer validates with).
 
-    The model is put in eval mode (no dropout) and left there; the caller switches back.
     ``amp_dtype`` is the autocast precision of the forward (the training one), if any.
+    ``all_sum`` (distributed runs): ``dataset`` is this process's shard, and the totals are
+    summed over all processes before the metrics are taken (see :meth:`ErrorTotals.combine`).
     """
-    model.eval()
     totals = ErrorTotals()
-    for x, y in eval_batches(dataset, batch_size):
-        x, y = x.to(device), y.to(device)
-        with autocast(device, amp_dtype):
-            pred = as_forecast(model(x)).pred
-        totals.add(pred.float(), y)
+    for pred, y in forecasts(model, dataset, batch_size, device, amp_dtype):
+        totals.add(pred, y)
+    if all_sum is not None:
+        totals.combine(all_sum)
     return totals.metrics()
+
+
+def evaluate_report(
+    model: nn.Module,
+    dataset: Windows,
+    scaler: Any,
+    channels: list[str],
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Scores in the scaled and the original space, overall, per horizon step and per channel.
+
+    ``scaler`` (a :class:`~timellm_lib.data.Scaler`) undoes the scaling of the output
+    ``channels``. Returns ``mse``, ``mae`` (scaled, the protocol's numbers), ``mse_original``,
+    ``mae_original``, ``n_windows``, ``per_horizon`` (a list of ``{step, mse, mae,
+    mse_original, mae_original}``, step 1 first) and ``per_channel`` (``{name: {mse, mae,
+    mse_original, mae_original}}``).
+    """
+    scaled, original = ErrorTotals(), ErrorTotals()
+    for pred, y in forecasts(model, dataset, batch_size, device, amp_dtype):
+        scaled.add(pred, y)
+        original.add(
+            scaler.inverse_transform(pred.double(), channels),
+            scaler.inverse_transform(y.double(), channels),
+        )
+    overall = scaled.metrics()
+    overall_original = original.metrics()
+    horizon = (*scaled.per_horizon(), *original.per_horizon())
+    channel = (*scaled.per_channel(), *original.per_channel())
+    names = ("mse", "mae", "mse_original", "mae_original")
+    return {
+        "mse": overall["mse"],
+        "mae": overall["mae"],
+        "mse_original": overall_original["mse"],
+        "mae_original": overall_original["mae"],
+        "n_windows": overall["n_windows"],
+        "per_horizon": [
+            {"step": h + 1, **{n: float(v[h]) for n, v in zip(names, horizon, strict=True)}}
+            for h in range(len(horizon[0]))
+        ],
+        "per_channel": {
+            name: {n: float(v[c]) for n, v in zip(names, channel, strict=True)}
+            for c, name in enumerate(channels)
+        },
+    }

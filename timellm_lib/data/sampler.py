@@ -6,6 +6,14 @@ drawn before, so a run resumed at batch ``b`` of epoch ``e`` starts there direct
 loading (or even indexing) the batches before it: resume cost does not grow with the position.
 The last incomplete batch is dropped, which keeps the number of batches per epoch fixed.
 
+In a distributed run of ``K`` processes ``batch_size`` is the *global* batch: every process
+computes the same permutation, and rank ``r`` takes the contiguous rows
+``[r * batch_size / K, (r + 1) * batch_size / K)`` of each batch. So the windows of batch
+``b`` are the same for any ``K`` (the data order does not depend on how many processes share
+it), resuming mid-epoch is the same index arithmetic on every rank, and a run may resume on a
+different number of processes with its global batch order preserved. Evaluation splits a
+dataset into contiguous :class:`Shard` blocks instead, one per rank, every window scored once.
+
 Batches are gathered with ``dataset.get_batch(idx)`` (one tensor gather) when the dataset has
 it, else by stacking ``dataset[i]``. With ``num_workers > 0`` a ``DataLoader`` fetches whole
 batches in worker processes, in order; each worker is seeded from (seed, epoch, worker) and the
@@ -83,24 +91,44 @@ class _SeedWorker:
 
 
 class ResumableLoader:
-    """Training batches of a seeded per-epoch order that can start at any batch."""
+    """Training batches of a seeded per-epoch order that can start at any batch; with
+    ``world_size`` > 1, this rank's share of each global batch."""
 
-    def __init__(self, dataset: Windows, batch_size: int, seed: int, num_workers: int = 0):
+    def __init__(
+        self,
+        dataset: Windows,
+        batch_size: int,
+        seed: int,
+        num_workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if batch_size % world_size:
+            raise ValueError(
+                f"batch_size {batch_size} cannot be split evenly across {world_size} processes"
+            )
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = num_workers
+        self.rank = rank
+        self.world_size = world_size
 
     def __len__(self) -> int:
         """Full batches per epoch (the incomplete last one is dropped)."""
         return len(self.dataset) // self.batch_size
 
     def batch_indices(self, epoch: int, start: int = 0, stop: int | None = None) -> list[Tensor]:
-        """Index tensors of batches ``start`` to ``stop`` (exclusive, default all) of ``epoch``."""
+        """Index tensors of batches ``start`` to ``stop`` (exclusive, default all) of ``epoch``
+        (this rank's rows of each)."""
         perm = epoch_permutation(len(self.dataset), self.seed, epoch)
-        bs = self.batch_size
+        share = self.batch_size // self.world_size
+        first = self.rank * share  # this rank's first row within a global batch
         stop = len(self) if stop is None else min(stop, len(self))
-        return [perm[b * bs : (b + 1) * bs] for b in range(start, stop)]
+        return [
+            perm[b * self.batch_size + first : b * self.batch_size + first + share]
+            for b in range(start, stop)
+        ]
 
     def epoch(self, epoch: int, start: int = 0, stop: int | None = None) -> Iterator[IndexedBatch]:
         """The batches ``start`` to ``stop`` of ``epoch``, in order, with their window indices
@@ -121,6 +149,28 @@ class ResumableLoader:
     def state(self, epoch: int, position: int) -> dict[str, Any]:
         """What a checkpoint stores to find the next batch: position = batches consumed."""
         return {"seed": self.seed, "epoch": epoch, "position": position}
+
+
+class Shard:
+    """Rank ``rank``'s contiguous block of a dataset's windows, ``[rank * n // world_size,
+    (rank + 1) * n // world_size)``: each window belongs to exactly one rank."""
+
+    def __init__(self, dataset: Windows, rank: int, world_size: int) -> None:
+        n = len(dataset)
+        if n < world_size:
+            raise ValueError(f"{n} windows cannot be shared by {world_size} processes")
+        self.dataset = dataset
+        self.start = rank * n // world_size
+        self.stop = (rank + 1) * n // world_size
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> Batch:
+        return self.dataset[self.start + i]
+
+    def get_batch(self, idx: Tensor) -> Batch:
+        return fetch_batch(self.dataset, idx + self.start)
 
 
 def eval_batches(dataset: Windows, batch_size: int) -> Iterator[Batch]:

@@ -1,4 +1,5 @@
-"""Training: the resumable loop, checkpoints, EarlyStopping, schedules, RNG state, EMA.
+"""Training: the resumable loop, checkpoints, EarlyStopping, schedules, RNG state, EMA,
+distributed runs (torchrun/DDP), faults (stop signals, failed saves) and the run lock.
 
 ``train(cfg)`` runs (or continues) a run and returns a :class:`TrainResult`; checkpoint files
 are read and explained with :mod:`timellm_lib.training.checkpoint`.

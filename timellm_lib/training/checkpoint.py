@@ -1,7 +1,7 @@
 """Checkpoint files: atomic writing, safe loading, digests, description, and finding one to resume.
 
 A checkpoint is one flat dict saved with ``torch.save`` (its layout is built in
-:func:`timellm_lib.training.trainer.checkpoint_payload`). Three rules make it trustworthy:
+:func:`timellm_lib.training.trainer.checkpoint_payload`). Four rules make it trustworthy:
 
 - **Atomic writes.** The dict is written to a temporary file in the same folder, flushed and
   fsynced, renamed over the target (``os.replace`` is atomic), and the folder is fsynced so the
@@ -11,6 +11,11 @@ A checkpoint is one flat dict saved with ``torch.save`` (its layout is built in
   and plain values can come out, so a crafted file cannot run code. Every way a file can be
   bad (missing, empty, truncated, foreign bytes, pickled code) becomes a :class:`CheckpointError`
   that says which and what to do.
+- **Checksums.** A torch file does not notice a flipped bit inside a tensor: it loads, with
+  other numbers. So :func:`save_checkpoint` stores ``checksum``, a sha256 over the content of
+  every other field (tensors by dtype, shape and bytes), and :func:`load_checkpoint` recomputes
+  it and refuses a file whose content no longer matches; ``--resume auto`` then walks back to
+  an earlier checkpoint. (Files written before checksums existed load unchecked.)
 - **Digests.** ``state_digest`` fingerprints the model weights, ``resume_digest`` everything a
   resume restores; two runs are bit-identical exactly when their digests are equal.
 """
@@ -49,7 +54,10 @@ SECTION_PURPOSE = {
     "scaler": "fp16 loss-scale state (None unless train.amp is fp16)",
     "ema": "exponential moving average of the weights (None unless train.ema_decay > 0)",
     "early_stopping": "best_score, val_loss_min and counter of EarlyStopping",
-    "rng": "python, numpy and torch random states, so dropout draws continue identically",
+    "rng": "python, numpy and torch random states (of rank 0 in a distributed run), so "
+    "dropout draws continue identically",
+    "rng_other_ranks": "the same random states for ranks 1..K-1 of a K-process run (empty in "
+    "a single process); each rank restores its own",
     "sampler": "data order: seed, epoch and batches already consumed in that epoch",
     "config": "the resolved run configuration, compared with the current one on resume",
     "backbone": "name and fingerprint of the frozen language model the weights belong to",
@@ -65,7 +73,13 @@ RESUME_SECTIONS = (
     "early_stopping",
     "rng",
     "sampler",
+    "world_size",
+    "rng_other_ranks",
 )
+# Sections a resume can do without: files written before they existed (no EarlyStopping;
+# single-process files without world_size and rng_other_ranks).
+OPTIONAL_SECTIONS = ("early_stopping", "world_size", "rng_other_ranks")
+CHECKSUM_KEY = "checksum"
 
 
 class CheckpointError(WorkbenchError):
@@ -105,9 +119,14 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically (see the module docstring)."""
+    """Write ``payload`` with its content checksum to ``path`` atomically (see the module
+    docstring). It is serialized in memory first, so that a failing write (disk full, no
+    permission) surfaces as the ``OSError`` that says so, not as a torch zip-writer error."""
+    payload = {**payload, CHECKSUM_KEY: content_checksum(payload)}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     with atomic_file(path) as f:
-        torch.save(payload, f)
+        f.write(buffer.getbuffer())
 
 
 def remove_temp_files(folder: str | Path) -> list[str]:
@@ -123,9 +142,11 @@ def remove_temp_files(folder: str | Path) -> list[str]:
 
 
 def load_checkpoint(path: str | Path, peek: bool = False) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; any problem is a CheckpointError.
+    """Load a checkpoint with ``weights_only=True`` and verify its checksum; any problem is a
+    CheckpointError.
 
-    ``peek`` memory-maps the file so reading a few fields does not read the tensors.
+    ``peek`` memory-maps the file so reading a few fields does not read the tensors (and so
+    skips the checksum, which needs them all): use it only to look, never to resume.
     """
     path = Path(path)
     if not path.is_file():
@@ -156,6 +177,15 @@ def load_checkpoint(path: str | Path, peek: bool = False) -> dict[str, Any]:
             f"{path} has checkpoint format {payload['format_version']}, newer than the "
             f"{FORMAT_VERSION} this version reads; upgrade timellm_lib"
         )
+    if not peek and CHECKSUM_KEY in payload:
+        computed = content_checksum(payload)
+        if computed != payload[CHECKSUM_KEY]:
+            raise CheckpointError(
+                f"checkpoint {path} fails its content checksum (stored "
+                f"{str(payload[CHECKSUM_KEY])[:16]}..., content {computed[:16]}...): its bytes "
+                "changed after it was written (a disk or copy error); use an earlier "
+                "checkpoint (--resume auto skips damaged files)"
+            )
     return payload
 
 
@@ -307,7 +337,7 @@ def _peek_step(path: Path) -> int | None:
 
 
 def _resumable(payload: dict, path: Path) -> dict:
-    missing = [k for k in RESUME_SECTIONS if k not in payload and k != "early_stopping"]
+    missing = [k for k in RESUME_SECTIONS if k not in payload and k not in OPTIONAL_SECTIONS]
     if missing:
         raise CheckpointError(
             f"{path} lacks {missing} and cannot be resumed from (kind {payload.get('kind')!r}); "
@@ -365,6 +395,13 @@ def _feed(h: Any, value: Any) -> None:
         h.update(f"{type(value).__name__}:{value!r};".encode())
 
 
+def content_checksum(payload: dict[str, Any]) -> str:
+    """sha256 over every field of a checkpoint except the checksum itself."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in payload.items() if k != CHECKSUM_KEY})
+    return h.hexdigest()
+
+
 def resume_digest(payload: dict[str, Any]) -> str:
     """sha256 over everything a resume restores (RESUME_SECTIONS)."""
     h = hashlib.sha256()
@@ -408,6 +445,8 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         "bytes": path.stat().st_size,
         "state_digest": state_digest(payload["model"]),
         "resume_digest": resume_digest(payload) if "optimizer" in payload else None,
+        "checksum": payload.get(CHECKSUM_KEY),  # verified by loading; None in older files
+        "world_size": payload.get("world_size", 1 if "optimizer" in payload else None),
         "resume_from": payload.get("resume_from"),
         "metrics_lines": payload.get("metrics_lines"),
         "sections": sections,

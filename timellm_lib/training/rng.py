@@ -5,6 +5,10 @@ generators. A checkpoint stores their full state so that the run continued from 
 very same numbers the uninterrupted run drew at that point. Python's and numpy's states are
 tuples holding ints and arrays; they are stored as tensors and plain values so a checkpoint
 loads with ``torch.load(weights_only=True)``.
+
+In a distributed run every process seeds with the same number first (so all build the same
+model), then ranks above 0 switch to a stream of their own (:func:`seed_rank`) so their
+dropout masks differ; a checkpoint stores each rank's state and each rank restores its own.
 """
 
 from __future__ import annotations
@@ -15,12 +19,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from timellm_lib.data.sampler import mix_seed
+
+RANK_STREAM = -2  # tags the per-rank seeds apart from sampler and worker seeds
+
 
 def seed_everything(seed: int) -> None:
     """Seed python ``random``, numpy and torch (all devices) from one number."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def seed_rank(seed: int, rank: int, global_step: int = 0) -> None:
+    """Give process ``rank`` its own stream, derived from (seed, rank, global_step): at a
+    fresh start (global_step 0), and for a rank a checkpoint holds no state for (a run resumed
+    on more processes than it was saved with)."""
+    seed_everything(mix_seed(seed, RANK_STREAM, rank, global_step))
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -20,6 +20,15 @@ checkpoint, then the loop. Its invariants:
   resumable companion) and when the run stops (``--max-steps``, early stop, the end).
 - The RNG states in a checkpoint are those after all of that, so the dropout masks of the
   next step are the uninterrupted run's.
+
+Distributed runs (torchrun, see :mod:`timellm_lib.training.distributed`) execute this same
+code in every process: each trains on its shard of the global batch, DDP averages the
+gradients, losses and validation totals are summed over the processes, and anything that
+happens once (choosing a checkpoint, writing a file) is done by rank 0 while the others wait
+for its outcome. Faults (:mod:`timellm_lib.training.faults`): SIGTERM/SIGINT end the run after
+the current step with a checkpoint; a failed save stops or continues as ``train.on_save_error``
+says; a non-finite loss is handled as ``train.on_nan`` says; ``train.lock`` keeps a second
+trainer out of the run directory (:mod:`timellm_lib.training.lock`).
 """
 
 from __future__ import annotations
@@ -27,10 +36,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from timellm_lib.config import Config
-from timellm_lib.data.sampler import ResumableLoader
+from timellm_lib.data.sampler import ResumableLoader, Shard
 from timellm_lib.errors import WorkbenchError
 from timellm_lib.evaluation import autocast, evaluate
 from timellm_lib.models.output import as_forecast
@@ -57,10 +68,28 @@ from timellm_lib.training.checkpoint import (
     step_name,
     write_text_atomic,
 )
+from timellm_lib.training.distributed import (
+    World,
+    all_sum,
+    any_rank,
+    distributed_session,
+    from_main,
+    gather_to_main,
+    on_main,
+    window_mean,
+    wrap_model,
+)
 from timellm_lib.training.early_stopping import EarlyStopping
 from timellm_lib.training.ema import EMA
+from timellm_lib.training.faults import StopSignals, describe_write_error
+from timellm_lib.training.lock import RunLock
 from timellm_lib.training.metrics_log import MetricsLog, rewind_log
-from timellm_lib.training.rng import capture_rng_state, restore_rng_state, seed_everything
+from timellm_lib.training.rng import (
+    capture_rng_state,
+    restore_rng_state,
+    seed_everything,
+    seed_rank,
+)
 from timellm_lib.training.schedulers import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -78,12 +107,16 @@ RESUME_MAY_CHANGE = {
     "train.threads",
     "train.device",
     "train.on_nan",
+    "train.on_nan_lr_factor",
+    "train.on_nan_max_reloads",
+    "train.on_save_error",
     "data.num_workers",  # batches are gathered identically with or without workers
 }
 
 
 class TrainingError(WorkbenchError):
-    """Training cannot start or go on (impossible settings, a non-finite loss)."""
+    """Training cannot start or go on (impossible settings, a non-finite loss, a failed
+    write)."""
 
 
 @dataclass
@@ -97,7 +130,7 @@ class TrainResult:
     stopped_early: bool
     best_score: float | None
     test: dict[str, Any] | None = None  # eval_test.json contents when the run finished now
-    status: str = ""  # finished | stopped early | paused | already complete
+    status: str = ""  # finished | stopped early | paused | interrupted | already complete
     resumed_from: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -109,7 +142,7 @@ class TrainResult:
         )
         if self.test:
             text += f"; test mse {self.test['mse']:.6g} mae {self.test['mae']:.6g}"
-        if self.status == "paused":
+        if self.status in ("paused", "interrupted"):
             text += "; continue with --resume auto"
         return text
 
@@ -120,7 +153,7 @@ class _Run:
 
     cfg: Config
     run_dir: Path
-    device: torch.device
+    world: World
     amp_dtype: torch.dtype | None
     datasets: Any
     model: nn.Module
@@ -132,10 +165,19 @@ class _Run:
     metrics: MetricsLog | None
     train_steps: int
     total_steps: int
+    signals: StopSignals
+    # what the training forward calls: DDP's wrapper of model in a distributed run, else model
+    forward_model: nn.Module | None = None
     global_step: int = 0
     last_saved_step: int = -1
     best_companion: str | None = None  # step checkpoint best.pt resumes from
+    interrupted: bool = False  # a stop signal arrived: end after this step, with a checkpoint
+    nan_reloads: int = 0  # train.on_nan = reload: reloads done by this process
     on_event: Callable[[dict[str, Any]], None] | None = None  # e.g. a notebook's live plot
+
+    @property
+    def device(self) -> torch.device:
+        return self.world.device
 
     @property
     def ckpt_dir(self) -> Path:
@@ -146,7 +188,10 @@ class _Run:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def event(self, name: str, epoch: int | None = None, **fields: Any) -> None:
-        """One metrics.jsonl line; epoch defaults to that of the last optimizer step."""
+        """One metrics.jsonl line (rank 0 only: the other ranks have no log); epoch defaults
+        to that of the last optimizer step."""
+        if self.metrics is None:
+            return
         if epoch is None:
             epoch = max(self.global_step - 1, 0) // self.train_steps
         known = {
@@ -187,40 +232,73 @@ def train(
     the ones the config would build (tests, notebooks); after a finished run ``model`` holds
     best.pt's weights (those the test split was evaluated with). ``on_event`` receives every
     metrics.jsonl record as it is written (a notebook draws its live loss plot from them).
-    """
-    t = cfg.train
-    device = _pick_device(t.device)
-    amp_dtype = _amp_dtype(t.amp, device)
-    if max_steps is not None and max_steps < 1:
-        raise TrainingError(f"--max-steps {max_steps} must be at least 1")
-    if resume_counter is not None and resume_counter < 0:
-        raise TrainingError(f"--resume-counter {resume_counter} must not be negative")
-    if resume is None and (resume_new_lr or resume_reset_scheduler or resume_counter is not None):
-        raise TrainingError(
-            "--resume-new-lr, --resume-reset-scheduler and --resume-counter only apply when "
-            "resuming; add --resume auto|last|best|PATH"
-        )
-    cfg, run_dir = _resolve_run_dir(cfg, run_dir)
-    ckpt_dir = run_dir / "checkpoints"
 
-    # -- 1. where to start: decided before anything is written ------------------------------
-    found = select_resume_checkpoint(run_dir, resume) if resume else None
-    if found is None:
-        if resume:
-            log.warning("no valid checkpoint in %s; starting from scratch", ckpt_dir)
-        elif step_files(ckpt_dir) or (ckpt_dir / "final.pt").exists():
-            raise TrainingError(
-                f"{run_dir} already holds checkpoints; pass --resume auto to continue that run "
-                "or choose another --run-dir (or run.run_id) for a new one"
+    Under torchrun every process calls this with the same arguments (see the module
+    docstring). The run directory is locked while training; SIGTERM/SIGINT end the run after
+    the current step with a checkpoint (status ``interrupted``).
+    """
+    _check_arguments(resume, max_steps, resume_new_lr, resume_reset_scheduler, resume_counter)
+    device = _pick_device(cfg.train.device)
+    amp_dtype = _amp_dtype(cfg.train.amp, device)
+    with ExitStack() as stack:
+        world = stack.enter_context(distributed_session(device))
+        cfg, run_dir = from_main(world, partial(_resolve_run_dir, cfg, run_dir))
+        lock = on_main(world, RunLock(run_dir).acquire)
+        if lock is not None:
+            stack.callback(lock.release)
+        signals = stack.enter_context(StopSignals())
+        try:
+            return _train(
+                cfg,
+                run_dir,
+                world,
+                signals,
+                amp_dtype,
+                resume=resume,
+                max_steps=max_steps,
+                resume_new_lr=resume_new_lr,
+                resume_reset_scheduler=resume_reset_scheduler,
+                resume_counter=resume_counter,
+                progress=progress,
+                model=model,
+                datasets=datasets,
+                on_event=on_event,
             )
-        ckpt_path, ckpt, changes = None, None, {}
-    else:
-        ckpt_path, ckpt = found
-        changes = _config_changes(ckpt["config"], cfg.to_dict())
-        done = _already_done(run_dir, ckpt_path, ckpt, cfg, max_steps, resume_counter)
-        if done:
-            log.info("%s", done.notes[0])
-            return done
+        except OSError as err:  # a write other than a checkpoint save (those are handled)
+            raise TrainingError(
+                f"{describe_write_error(err)}; free space or fix the permissions there, then "
+                "continue with --resume auto"
+            ) from err
+
+
+def _train(
+    cfg: Config,
+    run_dir: Path,
+    world: World,
+    signals: StopSignals,
+    amp_dtype: torch.dtype | None,
+    *,
+    resume: str | None,
+    max_steps: int | None,
+    resume_new_lr: bool,
+    resume_reset_scheduler: bool,
+    resume_counter: int | None,
+    progress: bool,
+    model: nn.Module | None,
+    datasets: Any,
+    on_event: Callable[[dict[str, Any]], None] | None,
+) -> TrainResult:
+    """The body of :func:`train`, inside its process group, lock and signal handlers."""
+    t = cfg.train
+
+    # -- 1. where to start: decided by rank 0 before anything is written ----------------------
+    ckpt_path, changes, done = from_main(
+        world, partial(_find_start, run_dir, resume, cfg, max_steps, resume_counter)
+    )
+    if done:
+        log.info("%s", done.notes[0])
+        return done
+    ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
 
     # -- 2. build everything ------------------------------------------------------------------
     seed_everything(t.seed)
@@ -232,21 +310,18 @@ def train(
         from timellm_lib.models import build_model
 
         model = build_model(cfg, datasets.n_in, datasets.n_out)
-    model.to(device)
-    loader = ResumableLoader(datasets.train, cfg.data.batch_size, t.seed, cfg.data.num_workers)
+    model.to(world.device)
+    _check_split_sizes(cfg, datasets, world)
+    loader = ResumableLoader(
+        datasets.train, cfg.data.batch_size, t.seed, cfg.data.num_workers, world.rank, world.size
+    )
     train_steps = len(loader) // t.grad_accum
-    if train_steps == 0:
-        raise TrainingError(
-            f"the training split has {len(datasets.train)} windows, fewer than one optimizer "
-            f"step needs (batch_size {cfg.data.batch_size} x grad_accum {t.grad_accum}); lower "
-            "data.batch_size or train.grad_accum, or use more data"
-        )
     total_steps = t.epochs * train_steps
     optimizer = _build_optimizer(model, t)
     run = _Run(
         cfg=cfg,
         run_dir=run_dir,
-        device=device,
+        world=world,
         amp_dtype=amp_dtype,
         datasets=datasets,
         model=model,
@@ -258,29 +333,43 @@ def train(
         metrics=None,
         train_steps=train_steps,
         total_steps=total_steps,
+        signals=signals,
         on_event=on_event,
     )
 
     # -- 3. fresh start or restore ------------------------------------------------------------
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     if ckpt is None:
         if hasattr(model, "build_memory"):  # e.g. GRA-M: its buffers then live in checkpoints
             model.build_memory(datasets.train, torch.Generator().manual_seed(t.seed))
-        run.metrics = MetricsLog(run_dir / "metrics.jsonl", fresh=True)
+        if world.rank > 0:
+            seed_rank(t.seed, world.rank)  # its own dropout masks
+        on_main(world, partial(_open_fresh_log, run))
     else:
         _restore(
-            run, ckpt_path, ckpt, changes, resume_new_lr, resume_reset_scheduler, resume_counter
+            run,
+            ckpt_path,
+            ckpt,
+            changes,
+            base_lr=t.lr if resume_new_lr else None,
+            reset_scheduler=resume_reset_scheduler,
+            counter=resume_counter,
         )
-    write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
+    on_main(world, partial(write_text_atomic, run_dir / "config.yaml", cfg.to_yaml()))
 
     # -- 4. the loop, then final.pt and the test split ------------------------------------------
     end_step = total_steps if max_steps is None else min(max_steps, total_steps)
+    run.forward_model = wrap_model(world, model)
     with _torch_threads(t.threads):
-        _loop(run, loader, end_step, progress)
+        _loop(run, loader, end_step, progress and world.is_main)
         finished = run.global_step >= total_steps or run.stopper.should_stop
         test = _finish(run) if finished else None
-    run.metrics.close()
+    if run.metrics:
+        run.metrics.close()
     stopped_early = finished and run.global_step < total_steps
+    if finished:
+        status = "stopped early" if stopped_early else "finished"
+    else:
+        status = "interrupted" if run.interrupted else "paused"
     return TrainResult(
         run_dir=run_dir,
         global_step=run.global_step,
@@ -289,33 +378,66 @@ def train(
         stopped_early=stopped_early,
         best_score=run.stopper.best_score,
         test=test,
-        status="stopped early" if stopped_early else ("finished" if finished else "paused"),
+        status=status,
         resumed_from=str(ckpt_path) if ckpt_path else None,
     )
 
 
+def _find_start(
+    run_dir: Path, resume: str | None, cfg: Config, max_steps: int | None, counter: int | None
+) -> tuple[Path | None, dict[str, list], TrainResult | None]:
+    """(checkpoint to resume from or None, config changes, the result when there is nothing
+    to do); run by rank 0 alone, before anything in the run directory changes."""
+    ckpt_dir = run_dir / "checkpoints"
+    found = select_resume_checkpoint(run_dir, resume) if resume else None
+    if found is None:
+        if resume:
+            log.warning("no valid checkpoint in %s; starting from scratch", ckpt_dir)
+        elif step_files(ckpt_dir) or (ckpt_dir / "final.pt").exists():
+            raise TrainingError(
+                f"{run_dir} already holds checkpoints; pass --resume auto to continue that run "
+                "or choose another --run-dir (or run.run_id) for a new one"
+            )
+        return None, {}, None
+    path, ckpt = found
+    changes = _config_changes(ckpt["config"], cfg.to_dict())
+    return path, changes, _already_done(run_dir, path, ckpt, cfg, max_steps, counter)
+
+
+def _open_fresh_log(run: _Run) -> None:
+    run.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    run.metrics = MetricsLog(run.run_dir / "metrics.jsonl", fresh=True)
+
+
 def _loop(run: _Run, loader: ResumableLoader, end_step: int, progress: bool) -> None:
-    """Optimizer steps from run.global_step until end_step or EarlyStopping says stop."""
+    """Optimizer steps from run.global_step until end_step, an EarlyStopping stop or a stop
+    signal."""
     t, train_steps, ga = run.cfg.train, run.train_steps, run.cfg.train.grad_accum
     bar = tqdm(total=run.total_steps, initial=run.global_step, disable=not progress, desc="train")
     run.model.train()
-    while run.global_step < end_step and not run.stopper.should_stop:
+    while run.global_step < end_step and not run.stopper.should_stop and not run.interrupted:
         epoch, step_in_epoch = divmod(run.global_step, train_steps)
         batches = loader.epoch(epoch, start=step_in_epoch * ga, stop=train_steps * ga)
         for _ in range(step_in_epoch, train_steps):
             lr = run.lr
             warmup = min(1.0, run.global_step / t.aux_warmup_steps) if t.aux_warmup_steps else 1.0
             stats = _optimizer_step(run, [next(batches) for _ in range(ga)], warmup)
+            if stats is None:  # non-finite loss, last checkpoint reloaded: go on from there
+                bar.n = run.global_step
+                break
             run.global_step += 1
             bar.update(1)
             if run.global_step % t.log_steps == 0 or "skipped" in stats:
                 run.event("train", lr=lr, aux_warmup=warmup, **stats)
                 bar.set_postfix(loss=f"{stats['loss']:.4g}")
+            if any_rank(run.world, run.signals.received is not None):
+                run.interrupted = True  # every rank stops after this same step
+                run.event("interrupt", signal=run.signals.received)
 
             end_of_epoch = run.global_step % train_steps == 0
             if end_of_epoch or (t.eval_steps and run.global_step % t.eval_steps == 0):
                 _validate(run)  # -> val event, EarlyStopping, best.pt + its companion
-            stop = run.stopper.should_stop or run.global_step >= end_step
+            stop = run.stopper.should_stop or run.global_step >= end_step or run.interrupted
             if end_of_epoch or stop or (t.save_steps and run.global_step % t.save_steps == 0):
                 _save_step(run)
             if stop:
@@ -323,8 +445,15 @@ def _loop(run: _Run, loader: ResumableLoader, end_step: int, progress: bool) -> 
     bar.close()
 
 
-def checkpoint_payload(run: _Run, kind: str) -> dict[str, Any]:
-    """The checkpoint dict: flat, readable, loadable with ``torch.load(weights_only=True)``."""
+def checkpoint_payload(
+    run: _Run, kind: str, rng_states: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The checkpoint dict: flat, readable, loadable with ``torch.load(weights_only=True)``.
+
+    ``rng_states``: every rank's RNG state in rank order (a distributed run gathers them);
+    by default this process's.
+    """
+    rng_states = rng_states or [capture_rng_state()]
     epoch, step_in_epoch = divmod(run.global_step, run.train_steps)
     return {
         "format_version": FORMAT_VERSION,
@@ -339,7 +468,9 @@ def checkpoint_payload(run: _Run, kind: str) -> dict[str, Any]:
         "scaler": run.scaler.state_dict() if run.scaler else None,
         "ema": run.ema.state_dict() if run.ema else None,
         "early_stopping": run.stopper.state_dict(),
-        "rng": capture_rng_state(),
+        "rng": rng_states[0],
+        "rng_other_ranks": rng_states[1:],
+        "world_size": run.world.size,
         "sampler": {
             "seed": run.cfg.train.seed,
             "epoch": epoch,
@@ -377,33 +508,39 @@ def best_payload(run: _Run) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- one step
 
 
-def _optimizer_step(run: _Run, micro_batches: list, warmup: float) -> dict[str, float]:
+def _optimizer_step(run: _Run, micro_batches: list, warmup: float) -> dict[str, float] | None:
     """Forward and backward over ``grad_accum`` micro-batches, then one optimizer step.
 
-    Returns the step's mean loss parts for the log. A non-finite loss is handled as
-    ``train.on_nan`` says: stop (raise), skip the update, or reload the newest checkpoint's
-    weights and optimizer and go on with the next batch.
+    Returns the step's mean loss parts for the log (means over every process's windows in a
+    distributed run, so all ranks see the same numbers). A non-finite loss is handled as
+    ``train.on_nan`` says (:func:`_non_finite`); None means the last checkpoint was reloaded,
+    so the position moved back.
     """
     t = run.cfg.train
     sums: dict[str, float] = {}
+    windows = 0
     # a retrieval model (GRA-M) gets the windows' positions so it never retrieves itself
     pass_index = getattr(run.model, "needs_window_index", False)
-    for x, y, idx in micro_batches:
+    for i, (x, y, idx) in enumerate(micro_batches):
         x, y = x.to(run.device), y.to(run.device)
         extra = {"window_index": idx.to(run.device)} if pass_index else {}
-        with autocast(run.device, run.amp_dtype):
-            out = as_forecast(run.model(x, y, **extra))
-        mse = F.mse_loss(out.pred.float(), y)
-        aux = {f"aux_{k}": v.float() for k, v in out.aux_losses.items()}
-        loss = mse + warmup * sum(aux.values())
-        if not torch.isfinite(loss):
-            return _non_finite(run, float(loss.detach()))
-        backward = loss / len(micro_batches)
-        (run.scaler.scale(backward) if run.scaler else backward).backward()
+        with _gradient_sync(run, i == len(micro_batches) - 1):
+            with autocast(run.device, run.amp_dtype):
+                out = as_forecast(run.forward_model(x, y, **extra))
+            mse = F.mse_loss(out.pred.float(), y)
+            aux = {f"aux_{k}": v.float() for k, v in out.aux_losses.items()}
+            loss = mse + warmup * sum(aux.values())
+            backward = loss / len(micro_batches)
+            (run.scaler.scale(backward) if run.scaler else backward).backward()
+        windows += len(x)
         parts = {"loss": loss, "mse": mse, **aux, **out.diagnostics}
         for k, v in parts.items():
             value = float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
             sums[k] = sums.get(k, 0.0) + value / len(micro_batches)
+    # a NaN on one rank reaches every rank: through this mean and the averaged gradients
+    sums = window_mean(run.world, sums, windows)
+    if not math.isfinite(sums["loss"]):
+        return _non_finite(run, sums["loss"])
     if t.grad_clip > 0:
         if run.scaler:
             run.scaler.unscale_(run.optimizer)
@@ -421,36 +558,78 @@ def _optimizer_step(run: _Run, micro_batches: list, warmup: float) -> dict[str, 
     return sums
 
 
-def _non_finite(run: _Run, loss: float) -> dict[str, float]:
+def _gradient_sync(run: _Run, last: bool) -> AbstractContextManager:
+    """DDP averages gradients once per optimizer step, in the last micro-batch's backward."""
+    if last or not run.world.distributed:
+        return nullcontext()
+    return run.forward_model.no_sync()
+
+
+def _non_finite(run: _Run, loss: float) -> dict[str, float] | None:
+    """``train.on_nan``: ``stop`` raises (naming the step and the last good checkpoint);
+    ``skip`` drops the update (the schedule still advances, staying aligned with
+    global_step); ``reload`` goes back to the newest valid step checkpoint, exactly as a
+    resume from it with ``--resume-new-lr`` would, the base lr multiplied by
+    ``train.on_nan_lr_factor`` once more at every reload (returns None). The log is rewound
+    with the rest, so its resume event (``reason``) is the trace of the reload."""
+    t = run.cfg.train
     step = run.global_step + 1
-    policy = run.cfg.train.on_nan
-    if policy == "stop":
-        raise TrainingError(
-            f"the loss became {loss} at global_step {step}; lower train.lr, set train.grad_clip, "
-            "or set train.on_nan to skip or reload"
-        )
     run.optimizer.zero_grad(set_to_none=True)
-    if policy == "reload":
-        found = select_resume_checkpoint(run.run_dir, "last") if step_files(run.ckpt_dir) else None
-        if found is None:
-            raise TrainingError(
-                f"the loss became {loss} at global_step {step} and train.on_nan = reload, but "
-                "there is no checkpoint to reload yet; use train.on_nan = skip or stop"
-            )
-        load_model_weights(run.model, found[1]["model"])
-        _load_training_state(run, found[1])
-        log.warning("loss %s at step %d: reloaded weights of %s", loss, step, found[0].name)
-    else:
+    if t.on_nan == "skip":
         log.warning("loss %s at step %d: update skipped", loss, step)
-    run.scheduler.step()  # the schedule stays aligned with global_step
-    return {"loss": loss, "skipped": 1.0}
+        run.scheduler.step()
+        return {"loss": loss, "skipped": 1.0}
+    what = f"the loss became {loss} at global_step {step}"
+    if t.on_nan == "stop" or run.nan_reloads >= t.on_nan_max_reloads:
+        if t.on_nan == "reload":
+            what += f" again after {run.nan_reloads} reloads (train.on_nan_max_reloads)"
+        raise TrainingError(f"{what}; {_what_now(run)}")
+    path = from_main(run.world, partial(_newest_step_checkpoint, run))
+    if path is None:
+        raise TrainingError(
+            f"{what} and train.on_nan = reload, but there is no checkpoint to reload yet; use "
+            "train.on_nan = skip or stop"
+        )
+    base_lr = run.scheduler.base_lrs[0] * t.on_nan_lr_factor  # lower again at each reload
+    run.nan_reloads += 1
+    log.warning("%s: reloading %s with base lr %g", what, path.name, base_lr)
+    reason = (
+        f"{what} (train.on_nan = reload {run.nan_reloads} of at most "
+        f"{t.on_nan_max_reloads}, lr x {t.on_nan_lr_factor})"
+    )
+    ckpt = load_checkpoint(path)
+    _restore(run, path, ckpt, changes={}, base_lr=base_lr, reason=reason)
+    return None
+
+
+def _newest_step_checkpoint(run: _Run) -> Path | None:
+    if not step_files(run.ckpt_dir):
+        return None
+    return select_resume_checkpoint(run.run_dir, "last")[0]
+
+
+def _what_now(run: _Run) -> str:
+    """After a non-finite loss: the last good checkpoint and how to go on."""
+    files = step_files(run.ckpt_dir)
+    if not files:
+        return (
+            "no checkpoint was written yet. Lower train.lr or set train.grad_clip, or set "
+            "train.on_nan to skip"
+        )
+    return (
+        f"the last good checkpoint is {_relative(files[-1][1], run.run_dir)}. Continue from "
+        "it with a lower lr (--resume auto --resume-new-lr --set train.lr=...), or set "
+        "train.on_nan to skip or reload"
+    )
 
 
 # ---------------------------------------------------------------------------- validation
 
 
 def _validate(run: _Run) -> None:
-    """Validation loss over all val windows, EarlyStopping update, best.pt on improvement."""
+    """Validation loss over all val windows, EarlyStopping update, best.pt on improvement.
+    In a distributed run the loss is summed over the ranks' shards first, so every rank
+    takes the same EarlyStopping decision."""
     metrics = _evaluate(run, run.datasets.val, with_ema=True)
     run.model.train()
     improved = run.stopper.step(metrics["mse"])
@@ -469,11 +648,22 @@ def _validate(run: _Run) -> None:
 
 
 def _evaluate(run: _Run, dataset: Any, with_ema: bool) -> dict[str, Any]:
-    """Window-weighted metrics; ``with_ema`` uses the EMA weights when train.eval_with_ema."""
+    """Window-weighted metrics; ``with_ema`` uses the EMA weights when train.eval_with_ema.
+    Each rank of a distributed run scores its shard; the error totals are summed."""
     if with_ema and run.ema and run.cfg.train.eval_with_ema:
         with run.ema.applied(run.model):
             return _evaluate(run, dataset, with_ema=False)
-    return evaluate(run.model, dataset, run.cfg.data.eval_batch_size, run.device, run.amp_dtype)
+    world = run.world
+    if world.distributed:
+        dataset = Shard(dataset, world.rank, world.size)
+    return evaluate(
+        run.model,
+        dataset,
+        run.cfg.data.eval_batch_size,
+        run.device,
+        run.amp_dtype,
+        all_sum=partial(all_sum, world) if world.distributed else None,
+    )
 
 
 # ---------------------------------------------------------------------------- saving
@@ -484,29 +674,68 @@ def _save_best(run: _Run) -> None:
     newer than every step checkpoint, which the resume discards and the replay rewrites; the
     other order could leave a step checkpoint whose EarlyStopping state points to a best.pt
     that was never written."""
-    run.event(
-        "save", kind="best", path="checkpoints/best.pt", epoch=run.global_step // run.train_steps
-    )
-    save_checkpoint(run.ckpt_dir / "best.pt", best_payload(run))
+
+    def write() -> None:
+        epoch = run.global_step // run.train_steps
+        run.event("save", kind="best", path="checkpoints/best.pt", epoch=epoch)
+        _write_checkpoint(run, run.ckpt_dir / "best.pt", best_payload(run))
+
+    on_main(run.world, write)
     run.best_companion = step_name(run.global_step)
     _save_step(run)
 
 
 def _save_step(run: _Run, kind: str = "step") -> None:
     """Write step_<global_step>.pt (once per step) or final.pt, then rotate step files.
-    The save event is logged first so the checkpoint's metrics_lines includes it."""
+
+    Every rank takes part: its RNG state goes into the file, and it waits until rank 0 has
+    written (and fsynced) it. The save event is logged first so the checkpoint's
+    metrics_lines includes it.
+    """
     if kind == "step" and run.last_saved_step == run.global_step:
         return
     name = step_name(run.global_step) if kind == "step" else "final.pt"
-    epoch, step_in_epoch = divmod(run.global_step, run.train_steps)
-    run.event(
-        "save", kind=kind, path=f"checkpoints/{name}", epoch=epoch, step_in_epoch=step_in_epoch
-    )
-    save_checkpoint(run.ckpt_dir / name, checkpoint_payload(run, kind))
-    if kind == "step":
+    rng_states = gather_to_main(run.world, capture_rng_state())
+
+    def write() -> bool:
+        epoch, step_in_epoch = divmod(run.global_step, run.train_steps)
+        run.event(
+            "save", kind=kind, path=f"checkpoints/{name}", epoch=epoch, step_in_epoch=step_in_epoch
+        )
+        payload = checkpoint_payload(run, kind, rng_states)
+        if not _write_checkpoint(run, run.ckpt_dir / name, payload):
+            return False
+        if kind == "step":
+            protect = {name} | ({run.best_companion} if run.best_companion else set())
+            rotate_step_checkpoints(run.ckpt_dir, run.cfg.train.save_total_limit, protect)
+        return True
+
+    if from_main(run.world, write) and kind == "step":
         run.last_saved_step = run.global_step
-        protect = {name} | ({run.best_companion} if run.best_companion else set())
-        rotate_step_checkpoints(run.ckpt_dir, run.cfg.train.save_total_limit, protect)
+
+
+def _write_checkpoint(run: _Run, path: Path, payload: dict[str, Any]) -> bool:
+    """Save ``payload``; on a failed write (disk full, no permission) stop with a
+    TrainingError or, with ``train.on_save_error = continue``, log it and return False.
+    Either way the earlier checkpoints are intact (atomic writes) and none is rotated away."""
+    try:
+        save_checkpoint(path, payload)
+        return True
+    except OSError as err:
+        files = step_files(run.ckpt_dir)
+        intact = f"newest: {files[-1][1].name}" if files else "there are none yet"
+        message = (
+            f"checkpoint not saved: {describe_write_error(err, path)}; the earlier "
+            f"checkpoints are intact ({intact})"
+        )
+        if run.cfg.train.on_save_error == "stop":
+            raise TrainingError(
+                f"{message}. Free space or fix the permissions, then continue with --resume "
+                "auto (or set train.on_save_error=continue to train on when a save fails)"
+            ) from err
+        log.warning("%s; training goes on (train.on_save_error = continue)", message)
+        run.event("save_error", path=_relative(path, run.run_dir), error=str(err))
+        return False
 
 
 def _finish(run: _Run) -> dict[str, Any]:
@@ -525,8 +754,12 @@ def _finish(run: _Run) -> dict[str, Any]:
         used, at_step = "final.pt", run.global_step
         metrics = _evaluate(run, run.datasets.test, with_ema=True)
     result = {"split": "test", **metrics, "checkpoint": used, "checkpoint_global_step": at_step}
-    write_text_atomic(run.run_dir / "eval_test.json", _json(result))
-    run.event("test", **{k: v for k, v in result.items() if k != "split"})
+
+    def write() -> None:
+        write_text_atomic(run.run_dir / "eval_test.json", _json(result))
+        run.event("test", **{k: v for k, v in result.items() if k != "split"})
+
+    on_main(run.world, write)
     return result
 
 
@@ -538,11 +771,18 @@ def _restore(
     path: Path,
     ckpt: dict[str, Any],
     changes: dict[str, list],
-    new_lr: bool,
-    reset_scheduler: bool,
-    counter: int | None,
+    base_lr: float | None = None,
+    reset_scheduler: bool = False,
+    counter: int | None = None,
+    reason: str | None = None,
 ) -> None:
-    """Put every piece of state back; the RNG last, right before the loop starts."""
+    """Put every piece of state back; each rank's RNG last, right before the loop goes on.
+
+    ``base_lr`` replaces the base lr, keeping the optimizer moments (the schedule's current
+    factor still applies); ``reset_scheduler`` starts the schedule over at train.lr;
+    ``counter`` overrides the EarlyStopping counter; ``reason`` says why a run reloads itself
+    (a non-finite loss) and goes into the resume event.
+    """
     t = run.cfg.train
     if ckpt["train_steps"] != run.train_steps:
         raise CheckpointError(
@@ -577,12 +817,12 @@ def _restore(
         run.scheduler = build_scheduler(
             run.optimizer, t, run.train_steps, run.total_steps, origin=run.global_step
         )
-    elif new_lr:
+    elif base_lr is not None:
         factor = run.scheduler.lr_lambdas[0](run.scheduler.last_epoch)
         for group in run.optimizer.param_groups:
-            group["initial_lr"] = t.lr
-            group["lr"] = t.lr * factor
-        run.scheduler.base_lrs = [t.lr] * len(run.optimizer.param_groups)
+            group["initial_lr"] = base_lr
+            group["lr"] = base_lr * factor
+        run.scheduler.base_lrs = [base_lr] * len(run.optimizer.param_groups)
         run.scheduler._last_lr = [g["lr"] for g in run.optimizer.param_groups]
     elif "train.lr" in changes:
         log.warning(
@@ -593,39 +833,72 @@ def _restore(
     counter_before = run.stopper.counter
     if counter is not None:
         run.stopper.counter = counter
+    saved_world = int(ckpt.get("world_size", 1))
+    if saved_world != run.world.size:
+        log.warning(
+            "%s was written by a %d-process run and this one has %d processes: the global "
+            "batch order, steps per epoch and schedule stay the same (data.batch_size is the "
+            "global batch), but the continuation is not bit-identical to an uninterrupted "
+            "%d-process run (sums are taken in another order, ranks draw their own dropout)",
+            path.name,
+            saved_world,
+            run.world.size,
+            saved_world,
+        )
 
-    discarded = _discard_newer(run, path)
-    remove_temp_files(run.ckpt_dir)
-    if (run.ckpt_dir / "best.pt").is_file():
-        run.best_companion = load_checkpoint(run.ckpt_dir / "best.pt", peek=True)["resume_from"]
-    source = path.parent.parent / "metrics.jsonl" if path.parent.name == "checkpoints" else None
-    kept = rewind_log(source, run.run_dir / "metrics.jsonl", ckpt["metrics_lines"])
-    run.metrics = MetricsLog(run.run_dir / "metrics.jsonl", fresh=False)
-    epoch, step_in_epoch = divmod(run.global_step, run.train_steps)
-    run.event(
-        "resume",
-        epoch=epoch,
-        step_in_epoch=step_in_epoch,
-        kind=ckpt["kind"],
-        metrics_lines_kept=kept,
-        config_changes=changes,
-        resume_new_lr=new_lr,
-        resume_reset_scheduler=reset_scheduler,
-        lr_before=lr_before,
-        resume_counter=counter,
-        counter_before=counter_before,
-        early_stopping_missing=missing_es,
-        discarded=discarded,
-        **{"from": _relative(path, run.run_dir)},
-    )
-    log.info(
-        "resumed from %s at global_step %d (epoch %d, step %d)",
-        path,
-        run.global_step,
-        epoch,
-        step_in_epoch,
-    )
-    restore_rng_state(ckpt["rng"])
+    def reopen_run_dir() -> None:
+        """Rank 0: drop what the abandoned continuation wrote, rewind the log, log the resume."""
+        discarded = _discard_newer(run, path)
+        remove_temp_files(run.ckpt_dir)
+        if (run.ckpt_dir / "best.pt").is_file():
+            best = load_checkpoint(run.ckpt_dir / "best.pt", peek=True)
+            run.best_companion = best["resume_from"]
+        if run.metrics:  # a reload within the run: the log file is about to be replaced
+            run.metrics.close()
+        in_run_dir = path.parent.name == "checkpoints"
+        source = path.parent.parent / "metrics.jsonl" if in_run_dir else None
+        kept = rewind_log(source, run.run_dir / "metrics.jsonl", ckpt["metrics_lines"])
+        run.metrics = MetricsLog(run.run_dir / "metrics.jsonl", fresh=False)
+        epoch, step_in_epoch = divmod(run.global_step, run.train_steps)
+        run.event(
+            "resume",
+            epoch=epoch,
+            step_in_epoch=step_in_epoch,
+            kind=ckpt["kind"],
+            metrics_lines_kept=kept,
+            config_changes=changes,
+            resume_new_lr=base_lr is not None,
+            resume_reset_scheduler=reset_scheduler,
+            lr_before=lr_before,
+            resume_counter=counter,
+            counter_before=counter_before,
+            early_stopping_missing=missing_es,
+            discarded=discarded,
+            world_size=run.world.size,
+            world_size_before=saved_world,
+            reason=reason,
+            **{"from": _relative(path, run.run_dir)},
+        )
+        log.info(
+            "resumed from %s at global_step %d (epoch %d, step %d)",
+            path,
+            run.global_step,
+            epoch,
+            step_in_epoch,
+        )
+
+    on_main(run.world, reopen_run_dir)
+    _restore_rng(run, ckpt)
+
+
+def _restore_rng(run: _Run, ckpt: dict[str, Any]) -> None:
+    """Rank r restores the state rank r saved; a rank the checkpoint has none for (resumed
+    on more processes) gets a fresh stream of its own."""
+    states = [ckpt["rng"], *(ckpt.get("rng_other_ranks") or [])]
+    if run.world.rank < len(states):
+        restore_rng_state(states[run.world.rank])
+    else:
+        seed_rank(run.cfg.train.seed, run.world.rank, run.global_step)
 
 
 def _load_training_state(run: _Run, ckpt: dict[str, Any]) -> None:
@@ -725,6 +998,46 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- building
+
+
+def _check_arguments(
+    resume: str | None,
+    max_steps: int | None,
+    new_lr: bool,
+    reset_scheduler: bool,
+    counter: int | None,
+) -> None:
+    if max_steps is not None and max_steps < 1:
+        raise TrainingError(f"--max-steps {max_steps} must be at least 1")
+    if counter is not None and counter < 0:
+        raise TrainingError(f"--resume-counter {counter} must not be negative")
+    if resume is None and (new_lr or reset_scheduler or counter is not None):
+        raise TrainingError(
+            "--resume-new-lr, --resume-reset-scheduler and --resume-counter only apply when "
+            "resuming; add --resume auto|last|best|PATH"
+        )
+
+
+def _check_split_sizes(cfg: Config, datasets: Any, world: World) -> None:
+    """Enough windows for one optimizer step, and for every process to have its share."""
+    batch, accum, k = cfg.data.batch_size, cfg.train.grad_accum, world.size
+    if batch % k:
+        raise TrainingError(
+            f"data.batch_size {batch} cannot be split evenly across {k} processes: it is the "
+            f"global batch, shared by all of them; use a multiple of {k}"
+        )
+    if len(datasets.train) // batch // accum == 0:
+        raise TrainingError(
+            f"the training split has {len(datasets.train)} windows, fewer than one optimizer "
+            f"step needs (batch_size {batch} x grad_accum {accum}); lower data.batch_size or "
+            "train.grad_accum, or use more data"
+        )
+    for split in ("val", "test"):
+        if len(getattr(datasets, split)) < k:
+            raise TrainingError(
+                f"the {split} split has {len(getattr(datasets, split))} windows, fewer than "
+                f"the {k} processes that share its evaluation; use more data or fewer processes"
+            )
 
 
 def _pick_device(name: str) -> torch.device:
