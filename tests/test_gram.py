@@ -370,3 +370,13 @@ def test_no_leakage_on_real_etth1_training_windows(etth1_path) -> None:
     assert overlapping(r.retrieve(rows)).any()  # the leak is real without the mask
     masked = r.retrieve(rows, positions)
     assert masked.valid.all() and not overlapping(masked).any()
+
+
+def test_gate_losses_have_finite_gradients_when_some_items_are_masked():
+    from timellm_lib.models.gram import gate_losses
+
+    weights = torch.tensor([[0.7, 0.3, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]], requires_grad=True)
+    valid = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    losses = gate_losses(weights, valid, torch.tensor([0.7, 0.25]))
+    (losses["gate_entropy"] + losses["gate_consistency"]).backward()
+    assert torch.isfinite(weights.grad).all()

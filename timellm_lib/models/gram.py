@@ -563,7 +563,9 @@ def gate_losses(item_weights: Tensor, valid: Tensor, top_weight: Tensor) -> dict
         zero = item_weights.sum() * 0.0
         return {"gate_entropy": zero, "gate_consistency": zero}
     p = item_weights[usable]
-    entropy = -(torch.xlogy(p, p)).sum(-1) / torch.log(n_valid[usable].to(p.dtype))
+    # p * log(p) with log clamped: masked items have p = 0, where xlogy's gradient is 0/0
+    plogp = p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
+    entropy = -plogp.sum(-1) / torch.log(n_valid[usable].to(p.dtype))
     target = 1.0 - top_weight[usable].detach()
     return {
         "gate_entropy": (1.0 - entropy).mean(),

@@ -1,0 +1,105 @@
+"""04_shape_trace and 05_ablations under papermill with their smoke parameters: they run, and
+what they wrote (tables, run directories, figures) says what the notebooks claim to show."""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pandas as pd
+import papermill
+import pytest
+import yaml
+
+from timellm_lib import ablation
+from timellm_lib.notebook_params import check, parse_parameters_cell
+
+
+def execute(repo_root, tmp_path, number, name, **changes):
+    """Run notebooks/<name> with configs/notebooks/<number>_smoke.yaml plus ``changes``;
+    returns the executed notebook's outputs."""
+    notebook = repo_root / "notebooks" / name
+    params = yaml.safe_load((repo_root / f"configs/notebooks/{number}_smoke.yaml").read_text())
+    params |= changes
+    check(params, parse_parameters_cell(notebook), name, repo_root)
+    out = tmp_path / name
+    papermill.execute_notebook(
+        str(notebook),
+        str(out),
+        parameters=params,
+        kernel_name="python3",
+        cwd=str(repo_root),
+        progress_bar=False,
+    )
+    return [o for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", [])]
+
+
+def mime_types(outputs):
+    return [mime for o in outputs for mime in o.get("data", {})]
+
+
+@pytest.mark.slow
+def test_shape_trace_notebook_writes_the_shape_and_parameter_tables(repo_root, tmp_path):
+    outputs = execute(repo_root, tmp_path, "04", "04_shape_trace.ipynb", out_dir=str(tmp_path))
+    shapes = pd.read_csv(tmp_path / "shapes.csv")
+    stages = shapes["stage"].tolist()
+    assert stages[0] == "Input" and stages[-1] == "Output"
+    for stage in ["Patching", "TAPR-DM", "GRA-M", "Reprogramming", "LLM Output", "Trend Fusion"]:
+        assert stage in stages  # smoke parameters switch TAPR and GRA-M on
+    assert shapes["shape"].iloc[0] == "[4, 32, 7]" and shapes["shape"].iloc[-1] == "[4, 8, 7]"
+    # channel independence: 4 windows of 7 channels become 28 series
+    assert shapes.loc[shapes["stage"] == "Channel Independence", "shape"].iloc[0] == "[28, 32, 1]"
+
+    params = pd.read_csv(tmp_path / "parameters.csv").set_index("module")
+    backbone = params.loc["backbone: tiny-random-gpt2"]
+    assert backbone["trainable"] == 0 and backbone["frozen"] > 0 and not backbone["in_checkpoint"]
+    modules = params.drop(index=["backbone: tiny-random-gpt2", "total"])
+    assert {"tapr", "gram", "reprogramming", "head"} <= set(modules.index)
+    assert (modules["frozen"] == 0).all() and modules["trainable"].sum() == params.loc[
+        "total", "trainable"
+    ]
+    assert modules.loc["gram", "buffers"] > 0  # the memory bank
+
+    types = mime_types(outputs)
+    assert "application/vnd.jupyter.widget-view+json" in types  # the explorer
+    assert types.count("text/html") >= 4  # static tables, and the explorer's first drawing
+
+
+@pytest.mark.slow
+def test_ablation_notebook_trains_every_variant_and_writes_its_tables(repo_root, tmp_path):
+    root = tmp_path / "study"
+    outputs = execute(repo_root, tmp_path, "05", "05_ablations.ipynb", output_root=str(root))
+    smoke = yaml.safe_load((repo_root / "configs/notebooks/05_smoke.yaml").read_text())
+    variants = smoke["variants"] or list(ablation.VARIANTS)
+    studied = [p for p in ("n_scales", "top_k", "lambda_trend", "lambda_retrieval") if smoke[p]]
+    assert len(studied) >= 2  # the smoke study still draws sensitivity curves
+
+    results = pd.read_csv(root / "results.csv")
+    n_settings = sum(len(smoke[p]) for p in studied)
+    assert len(results) == len(variants) + n_settings + len(smoke["fusion_modes"])
+    assert results["finished"].all()
+    for run in results["run"].unique():
+        saved = json.loads((root / run / "eval_test.json").read_text())
+        assert saved["mse"] == pytest.approx(results[results["run"] == run]["mse"].iloc[0])
+
+    summary = pd.read_csv(root / "summary.csv")
+    assert len(summary) == len(variants) and (summary["n"] == 1).all()
+    assert summary["mse"].str.fullmatch(r"\d+\.\d{4} ± \d+\.\d{4}").all()
+
+    aux = pd.read_csv(root / "aux_check.csv")
+    assert set(aux["term"]) == {"aux_tapr", "aux_gram"} and aux["ok"].all()
+    assert len(pd.read_csv(root / "trend_accuracy.csv")) == 2  # +TAPR and full
+
+    fusion = pd.read_csv(root / "fusion.csv")
+    assert sorted(fusion["trained with"].unique()) == ["always", "train_only"]
+    assert len(fusion) == 4 and fusion["as configured"].sum() == 2
+    configured = fusion[fusion["as configured"]].set_index("trained with")["fusion at test"]
+    assert configured.to_dict() == {"always": "on", "train_only": "off"}
+
+    figures = {p.name for p in (root / "figures").iterdir()}
+    expected = {"ablation_bars.png", "diagnostics.png"}
+    expected |= {f"sensitivity_{p}.png" for p in studied}
+    assert figures == expected
+    types = mime_types(outputs)
+    assert types.count("image/png") == len(expected)
+    assert types.count("application/vnd.plotly.v1+json") == 1 + len(studied)
