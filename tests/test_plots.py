@@ -181,13 +181,16 @@ def test_runs_explorer_redraws_only_the_chosen_runs(runs, monkeypatch):
         assert [update for _, update in drawings] == [False, False]
         assert "application/vnd.plotly.v1+json" in drawings[0][0]
         explorer.picker.value = ("exp/early",)
-        assert [update for _, update in drawings[2:]] == [True, True]
+        # the plotly display is blanked first so JupyterLab builds a fresh plotly renderer
+        assert [update for _, update in drawings[2:]] == [True, True, True]
+        assert drawings[2][0] == ["text/plain"]
+        assert "application/vnd.plotly.v1+json" in drawings[3][0]
         plotly_fig, mpl_fig = explorer.figures()
         assert {t.legendgroup for t in plotly_fig.data} == {"exp/early"}
         explorer.window.value = 4
-        assert len(drawings) == 6
+        assert len(drawings) == 8
         explorer.picker.value = ()
-        assert len(drawings) == 6  # nothing to draw: the last drawing stays
+        assert len(drawings) == 8  # nothing to draw: the last drawing stays
     finally:
         InteractiveShell.clear_instance()
 

@@ -560,6 +560,8 @@ class RunsExplorer:
     def redraw(self, _change: Any = None) -> None:
         if self.picker.value:  # an empty selection keeps the last drawing
             for handle, (obj, raw) in zip(self._handles, self._drawings(), strict=True):
+                if raw:  # JupyterLab's plotly renderer draws once and ignores later data:
+                    handle.update({"text/plain": "redrawing"}, raw=True)  # force a new one
                 handle.update(obj, raw=raw)
 
 
