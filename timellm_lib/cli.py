@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -110,7 +112,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     ``--nproc K`` relaunches this command as K torchrun processes. Under torchrun (RANK set)
     only rank 0 prints: the trainer raises the same error on every rank, so the others exit 2
     quietly (all of them print with --debug)."""
-    import os
     from pathlib import Path
 
     from timellm_lib.training import train
@@ -256,5 +257,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _exit(code: int) -> None:
+    """End the process. A torchrun worker skips C++ static destructors: at interpreter exit,
+    gloo's and the rendezvous store's threads can abort a worker whose peer closed its
+    connections first ("terminate called without an active exception", exit -6) although the
+    run is complete; by now every rank has passed the final barrier and every file is durable."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
