@@ -2,11 +2,37 @@
 
 Anchor (issue 7): CPU, fp32, 2 threads, packaged MiniLM (6 layers, 384 wide), batch 8,
 7 channels, seq_len 512, pred_len 96, patch_len 16, stride 8, d_model 32, d_ff 128, n_heads 8,
-num_tokens 1000, baseline model. A step is forward + backward + Adam on a random batch.
+num_tokens 1000, baseline model. A step is what the trainer does: forward, MSE, backward and
+an Adam update of every trainable parameter (32.5 M, 30.5 M of them in the prototype mapping).
 
-Modes: ``workbench`` (the defaults: compact prompt, frozen LM in eval mode) and ``published``
-(the published prompt text and dropout left active inside the frozen LM). Prints one JSON
-object per mode. Run: ``python benchmarks/step_time.py [--steps 6] [--batch 8] [--amp bf16]``.
+Modes (``--modes``, comma-separated):
+
+- ``workbench``: the defaults (compact prompt, frozen LM in eval mode).
+- ``published``: the published prompt text (statistics printed at full float precision) and
+  dropout left active inside the frozen LM, exactly as the published code computes them.
+- ``reference``: ``published`` plus what the published code asks of the language model
+  (eager attention, every attention map and hidden state returned) and its optimizer (the
+  plain per-parameter Adam). The published code itself cannot be run here; this mode is our
+  model with those known costs switched back on, the stand-in it is compared with.
+
+The other modes update with the fused Adam kernel (``--adam fused``, one pass over all
+parameters; the same update up to float rounding), which the trainer should build too, and
+run under ``--amp`` and ``--compile`` (``reference`` stays eager fp32).
+
+Each mode runs in its own worker process, so its peak RSS is its own; the parent interleaves
+the workers' steps round by round (rotating the order), so that load on a shared machine hits
+every mode alike. Compare ratios from one run: absolute seconds move with the machine's load,
+which is why the current fp32 matmul rate is measured and printed too. Besides the ratio of
+medians (wall and CPU seconds), ``step_time_paired_ratio`` is the median over rounds of each
+round's ratio: steps of one round run seconds apart, so slow changes of load cancel out.
+
+Prints one JSON object per mode, then a summary with the ratios to the last mode listed:
+
+    python benchmarks/step_time.py [--modes workbench,published,reference] [--steps 5]
+        [--batch 8] [--threads 2] [--amp off|bf16] [--device cpu|cuda] [--compile]
+        [--adam fused|plain]
+
+On a GPU: ``--device cuda --amp bf16 [--compile]``, and ``--batch 24``.
 """
 
 from __future__ import annotations
@@ -16,14 +42,21 @@ import json
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from timellm_lib.config import load_config
+from timellm_lib.config import Config, load_config
 from timellm_lib.models import as_forecast, build_model
 
+N_CHANNELS = 7
 ANCHOR = [
     "model.backbone=minilm",
     "data.seq_len=512",
@@ -35,69 +68,307 @@ ANCHOR = [
     "model.n_heads=8",
     "model.num_tokens=1000",
 ]
+PUBLISHED = ["model.prompt_format=published", "model.backbone_dropout=true"]
+
+
+@dataclass(frozen=True)
+class Mode:
+    overrides: tuple[str, ...]
+    reference: bool = False  # eager attention returning every attention map and hidden state
+
+
 MODES = {
-    "workbench": [],
-    "published": ["model.prompt_format=published", "model.backbone_dropout=true"],
+    "workbench": Mode(()),
+    "published": Mode(tuple(PUBLISHED)),
+    "reference": Mode(tuple(PUBLISHED), reference=True),
 }
 
 
-def measure(mode: str, batch: int, steps: int, amp: str) -> dict:
-    cfg = load_config(overrides=ANCHOR + MODES[mode] + [f"data.batch_size={batch}"])
-    torch.manual_seed(0)
-    model = build_model(cfg, 7, 7)
-    model.train()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    x = torch.randn(batch, cfg.data.seq_len, 7)
-    y = torch.randn(batch, cfg.data.pred_len, 7)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16")
+def anchor_config(mode: str, batch: int, extra: list[str] | None = None) -> Config:
+    """The anchor configuration in ``mode`` with ``batch`` samples per step."""
+    overrides = [*ANCHOR, *MODES[mode].overrides, f"data.batch_size={batch}", *(extra or [])]
+    return load_config(overrides=overrides)
 
-    def step() -> None:
-        with autocast:
-            loss = torch.nn.functional.mse_loss(as_forecast(model(x)).pred.float(), y)
+
+def use_reference_attention(model: nn.Module) -> None:
+    """Make the frozen LM compute as the published code asks it to: eager attention that
+    returns every layer's attention map, and every hidden state (only in a worker process:
+    the backbone is shared by every model of the process)."""
+    language_model = model.backbone.model
+    language_model.set_attn_implementation("eager")
+    language_model.config.output_attentions = True
+    language_model.config.output_hidden_states = True
+
+
+def build_step(
+    mode: str,
+    batch: int,
+    amp: str = "off",
+    device: str = "cpu",
+    compile_model: bool = False,
+    adam: str = "fused",
+    extra: list[str] | None = None,
+) -> tuple[nn.Module, Callable[[], float]]:
+    """A model of ``mode`` in train mode and a function doing one training step on a fixed
+    random batch (as the trainer does: forward under autocast, MSE, backward, Adam);
+    the step returns the loss. ``adam``: ``fused`` or ``plain``; ``reference`` is always
+    plain Adam in fp32 without compilation, the fixed yardstick."""
+    cfg = anchor_config(mode, batch, extra)
+    torch.manual_seed(0)
+    model = build_model(cfg, N_CHANNELS, N_CHANNELS)
+    if MODES[mode].reference:
+        use_reference_attention(model)
+    model.to(device).train()
+    if compile_model and not MODES[mode].reference:
+        model.compile(dynamic=True)  # in place: state_dict keys stay as they are
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = adam == "fused" and not MODES[mode].reference
+    optimizer = torch.optim.Adam(params, lr=1e-3, fused=fused)
+    x = torch.randn(batch, cfg.data.seq_len, N_CHANNELS, device=device)
+    y = torch.randn(batch, cfg.data.pred_len, N_CHANNELS, device=device)
+    dtype = None if MODES[mode].reference else {"off": None, "bf16": torch.bfloat16}[amp]
+
+    def step() -> float:
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+            out = as_forecast(model(x, y))
+        loss = F.mse_loss(out.pred.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        return float(loss.detach())
 
+    return model, step
+
+
+def llm_tokens(model: nn.Module, batch: int) -> dict[str, int]:
+    """Language-model positions one step runs through the frozen LM (from a traced pass)."""
+    seen: dict[str, int] = {}
+
+    def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        seen["rows"], seen["positions"] = output.shape[0], output.shape[1]
+
+    handle = model.llm_input.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            x = torch.randn(batch, model.cfg.data.seq_len, N_CHANNELS, device=_device(model))
+            model(x)
+    finally:
+        handle.remove()
+    return {
+        "llm_rows": seen["rows"],
+        "llm_positions": seen["positions"],
+        "llm_tokens_per_step": seen["rows"] * seen["positions"],
+    }
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def matmul_gflops(threads: int, n: int = 2048, repeats: int = 3) -> float:
+    """The fp32 matmul rate this machine gives right now (load from others lowers it)."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return round(2 * n**3 * repeats / (time.perf_counter() - start) / 1e9, 1)
+
+
+# ------------------------------------------------------------------------------ worker side
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One mode in this process: build, count FLOPs, then one step per ``step`` line read."""
+    torch.set_num_threads(args.threads)
+    cuda = args.device == "cuda"
+    model, step = build_step(
+        args.worker, args.batch, args.amp, args.device, args.compile, args.adam
+    )
+    tokens = llm_tokens(model, args.batch)
+    start = time.perf_counter()
+    step()  # the first step pays for allocation (and compilation): not timed
+    first_s = time.perf_counter() - start
     with FlopCounterMode(display=False) as counter:
         step()
-    flops = counter.get_total_flops()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    warm = times[1:] if len(times) > 2 else times
-    median = statistics.median(warm)
-    tokens = getattr(model, "last_llm_tokens", None)
+    _send(
+        {
+            "ready": True,
+            "first_step_s": round(first_s, 3),
+            "gflop_per_step": round(counter.get_total_flops() / 1e9, 1),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            **tokens,
+        }
+    )
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        if cuda:
+            torch.cuda.synchronize()
+        start, cpu = time.perf_counter(), time.process_time()
+        loss = step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        _send({"step_s": wall, "cpu_s": cpu, "loss": loss})
+    final = {"peak_rss_mb": peak_rss_mb()}
+    if cuda:
+        final["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        final["device_name"] = torch.cuda.get_device_name()
+    _send(final)
+
+
+def _send(message: dict) -> None:
+    print(json.dumps(message), flush=True)
+
+
+# ------------------------------------------------------------------------------ parent side
+
+
+class Worker:
+    """A worker process for one mode, driven line by line over its stdin/stdout."""
+
+    def __init__(self, mode: str, args: argparse.Namespace) -> None:
+        self.mode = mode
+        command = [sys.executable, __file__, "--worker", mode, *_shared_flags(args)]
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self.info = self.receive()
+        self.times: list[float] = []
+        self.cpu_times: list[float] = []
+        self.losses: list[float] = []
+
+    def receive(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise SystemExit(f"the {self.mode} worker stopped (exit {self.process.wait()})")
+        return json.loads(line)
+
+    def step(self) -> None:
+        self.process.stdin.write("step\n")
+        self.process.stdin.flush()
+        reply = self.receive()
+        self.times.append(reply["step_s"])
+        self.cpu_times.append(reply["cpu_s"])
+        self.losses.append(reply["loss"])
+
+    def finish(self) -> dict:
+        self.process.stdin.write("finish\n")
+        self.process.stdin.flush()
+        final = self.receive()
+        self.process.wait()
+        return final
+
+
+def _shared_flags(args: argparse.Namespace) -> list[str]:
+    flags = [
+        f"--batch={args.batch}",
+        f"--threads={args.threads}",
+        f"--amp={args.amp}",
+        f"--device={args.device}",
+        f"--adam={args.adam}",
+    ]
+    return flags + (["--compile"] if args.compile else [])
+
+
+def summarise(worker: Worker, final: dict, args: argparse.Namespace) -> dict:
+    times = worker.times
+    median = statistics.median(times)
+    info = worker.info
     return {
-        "mode": mode,
-        "amp": amp,
-        "batch": batch,
-        "threads": torch.get_num_threads(),
-        "step_s_median": round(median, 4),
-        "step_s_min": round(min(warm), 4),
-        "step_s_max": round(max(warm), 4),
-        "warm_steps": len(warm),
-        "gflop_per_step": round(flops / 1e9, 1),
-        "gflop_per_s": round(flops / 1e9 / median, 1),
-        "llm_tokens_per_step": tokens,
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "machine": platform.processor() or platform.machine(),
+        "mode": worker.mode,
+        "device": args.device,
+        "amp": "off" if MODES[worker.mode].reference else args.amp,
+        "compile": args.compile and not MODES[worker.mode].reference,
+        "adam": "plain" if MODES[worker.mode].reference else args.adam,
+        "batch": args.batch,
+        "threads": args.threads,
+        "step_s_median": round(median, 3),
+        "step_s_min": round(min(times), 3),
+        "step_s_max": round(max(times), 3),
+        "step_s_spread": round(max(times) - min(times), 3),
+        "step_s_all": [round(t, 3) for t in times],
+        "step_cpu_s_median": round(statistics.median(worker.cpu_times), 3),
+        "warm_steps": len(times),
+        "first_step_s": info["first_step_s"],
+        "gflop_per_step": info["gflop_per_step"],
+        "gflop_per_s": round(info["gflop_per_step"] / median, 1),
+        "llm_rows": info["llm_rows"],
+        "llm_positions": info["llm_positions"],
+        "llm_tokens_per_step": info["llm_tokens_per_step"],
+        "trainable_params": info["trainable_params"],
+        **final,
     }
+
+
+def paired_ratio(times: list[float], base: list[float]) -> float:
+    """Median over rounds of ``times[i] / base[i]`` (steps of one round ran back to back)."""
+    return round(statistics.median(t / b for t, b in zip(times, base, strict=True)), 3)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--modes", default="workbench,published,reference")
+    parser.add_argument("--steps", type=int, default=5, help="timed warm steps per mode")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--amp", choices=["off", "bf16"], default="off")
-    parser.add_argument("--mode", choices=[*MODES, "both"], default="both")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--adam", choices=["fused", "plain"], default="fused")
+    parser.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    for mode in MODES if args.mode == "both" else [args.mode]:
-        print(json.dumps(measure(mode, args.batch, args.steps, args.amp)), flush=True)
+    if args.worker:
+        worker(args)
+        return
+    modes = args.modes.split(",")
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        parser.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
+
+    peak_before = matmul_gflops(args.threads) if args.device == "cpu" else None
+    workers = [Worker(mode, args) for mode in modes]  # built one after the other
+    for round_ in range(args.steps):
+        shift = round_ % len(workers)
+        for w in workers[shift:] + workers[:shift]:
+            w.step()
+    results = [summarise(w, w.finish(), args) for w in workers]
+    for result in results:
+        print(json.dumps(result), flush=True)
+
+    base = results[-1]
+    summary = {
+        "summary": True,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {platform.processor()}".strip(),
+        "torch": torch.__version__,
+        f"step_time_ratio_to_{base['mode']}": {
+            r["mode"]: round(r["step_s_median"] / base["step_s_median"], 3) for r in results
+        },
+        f"step_time_paired_ratio_to_{base['mode']}": {
+            r["mode"]: paired_ratio(r["step_s_all"], base["step_s_all"]) for r in results
+        },
+        f"step_cpu_time_ratio_to_{base['mode']}": {
+            r["mode"]: round(r["step_cpu_s_median"] / base["step_cpu_s_median"], 3) for r in results
+        },
+        f"peak_rss_ratio_to_{base['mode']}": {
+            r["mode"]: round(r["peak_rss_mb"] / base["peak_rss_mb"], 3) for r in results
+        },
+    }
+    if peak_before is not None:
+        peak_after = matmul_gflops(args.threads)
+        summary["matmul_fp32_gflop_per_s_now"] = [peak_before, peak_after]
+        summary["fraction_of_matmul_rate"] = {
+            r["mode"]: round(r["gflop_per_s"] / max(peak_before, peak_after), 3) for r in results
+        }
+    print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ class Backbone:
     fingerprint: str  # sha256 over name, config and weights; stored in checkpoints
     max_positions: int | None  # longest input the position embeddings allow (None: unknown)
     takes_position_ids: bool
+    takes_past_key_values: bool = False  # forward(past_key_values=...): a prefix can be cached
 
     @property
     def word_embeddings(self) -> Tensor:
@@ -69,15 +70,56 @@ class Backbone:
     def __deepcopy__(self, memo: dict) -> Backbone:
         return self  # frozen and shared: a copied model (EMA) reuses the same language model
 
-    def encode(self, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
+    @property
+    def can_cache_prefix(self) -> bool:
+        """Whether :meth:`encode` can run a prefix shared by every row once and reuse its
+        key/value cache: the attention must be causal (the prefix never sees what follows
+        it), and the model must take positions and a cache."""
+        return self.is_causal and self.takes_position_ids and self.takes_past_key_values
+
+    def encode(
+        self, inputs_embeds: Tensor, attention_mask: Tensor, shared_prefix: Tensor | None = None
+    ) -> Tensor:
         """Run the frozen body on embeddings [B, T, llm_dim] -> last hidden state [B, T, llm_dim].
 
         Positions come from the mask (cumsum - 1), so a left-padded sequence gets the same
-        positions as the same sequence without padding.
+        positions as the same sequence without padding. The model is never asked for
+        attention maps or hidden states: only the last hidden state is used, and asking
+        would force the slow eager attention and keep every map in memory.
+
+        ``shared_prefix`` [K, llm_dim] (needs :attr:`can_cache_prefix`): tokens that come
+        before ``inputs_embeds`` in every row, unpadded, as positions 0..K-1. They are run
+        once, without gradient (they must not depend on anything trained), and their
+        key/value cache is shared by the B rows; the result equals encoding ``[prefix ;
+        inputs]`` per row and keeping the last T positions, at the cost of T positions.
         """
-        kwargs = {}
+        if shared_prefix is None:
+            return self._run(inputs_embeds, attention_mask)
+        if not self.can_cache_prefix:
+            raise ValueError(
+                f"backbone {self.name!r} cannot reuse a prefix cache (it needs causal attention, "
+                "position ids and past_key_values); call encode without shared_prefix"
+            )
+        from transformers import DynamicCache
+
+        rows = inputs_embeds.shape[0]
+        prefix_mask = attention_mask.new_ones(1, shared_prefix.shape[0])
+        cache = DynamicCache(config=self.model.config)
+        with torch.no_grad():
+            self._run(shared_prefix.unsqueeze(0), prefix_mask, cache)
+        cache.batch_repeat_interleave(rows)
+        mask = torch.cat([prefix_mask.expand(rows, -1), attention_mask], dim=1)
+        return self._run(inputs_embeds, mask, cache)
+
+    def _run(self, inputs_embeds: Tensor, attention_mask: Tensor, cache: Any = None) -> Tensor:
+        """One call of the body. ``attention_mask`` covers the positions already in ``cache``
+        (they come first) and ``inputs_embeds``; positions count the unmasked ones."""
+        kwargs: dict[str, Any] = {}
         if self.takes_position_ids:
-            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            kwargs["position_ids"] = positions[:, -inputs_embeds.shape[1] :]
+        if cache is not None:
+            kwargs.update(past_key_values=cache, use_cache=True)
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
         return out.last_hidden_state
 
@@ -106,6 +148,7 @@ def _load_cached(name: str, llm_layers: int, dropout: bool) -> Backbone:
     model.train(dropout)
     _prepare_tokenizer(tokenizer, name)
     config = model.config
+    parameters = inspect.signature(model.forward).parameters
     return Backbone(
         name=name,
         model=model,
@@ -115,7 +158,8 @@ def _load_cached(name: str, llm_layers: int, dropout: bool) -> Backbone:
         is_causal=any(getattr(m, "is_causal", False) is True for m in model.modules()),
         fingerprint=_fingerprint(name, model),
         max_positions=getattr(config, "max_position_embeddings", None),
-        takes_position_ids="position_ids" in inspect.signature(model.forward).parameters,
+        takes_position_ids="position_ids" in parameters,
+        takes_past_key_values="past_key_values" in parameters,
     )
 
 

@@ -4,9 +4,17 @@ The statistics are computed for the whole batch with tensor operations; only the
 string formatting loops over series. Two fixes over the published code: the lags exclude
 lag 0 (always the largest autocorrelation) and the mirrored circular lags L-k (equal to lag
 k), and the autocorrelation has the window's own length also when it is odd.
+
+A prompt is a constant head (dataset and task, :func:`prompt_head`) and a per-series tail
+(the statistics, :func:`prompt_tails`). :class:`PromptTokenizer` tokenises the head once and
+each batch only the tails, giving exactly the ids of tokenising the whole texts; a causal
+language model can then run the head once per batch and share its key/value cache.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,13 +46,35 @@ def prompt_statistics(x_norm: Tensor, top_k_lags: int = 5) -> dict[str, Tensor]:
 
 
 def build_prompts(stats: dict[str, Tensor], cfg: Config) -> list[str]:
-    """One prompt per series, in the published Time-LLM wording.
+    """One prompt per series, in the published Time-LLM wording: ``prompt_head(cfg)`` followed
+    by that series' ``prompt_tails``."""
+    head = prompt_head(cfg)
+    return [head + tail for tail in prompt_tails(stats, cfg)]
+
+
+def prompt_head(cfg: Config) -> str:
+    """The part of every prompt that does not depend on the series: dataset and task.
+
+    It ends before the space that starts the statistics, so that tokenisers which attach a
+    space to the following word (byte-level BPE) split the prompt at the same place whether
+    head and tail are tokenised together or apart.
+    """
+    m, d = cfg.model, cfg.data
+    return (
+        f"<|start_prompt|>Dataset description: {m.description}"
+        f"Task description: forecast the next {d.pred_len} steps given the previous "
+        f"{d.seq_len} steps information; Input statistics:"
+    )
+
+
+def prompt_tails(stats: dict[str, Tensor], cfg: Config) -> list[str]:
+    """The per-series part of each prompt: the statistics of :func:`prompt_statistics`.
 
     ``prompt_format: published`` prints each value as the published code does (``str`` of
     the float); ``compact`` keeps ``prompt_precision`` significant digits, which gives
     shorter token sequences and so a cheaper LLM pass.
     """
-    m, d = cfg.model, cfg.data
+    m = cfg.model
     if m.prompt_format == "published":
         fmt = str
     else:
@@ -53,11 +83,6 @@ def build_prompts(stats: dict[str, Tensor], cfg: Config) -> list[str]:
         def fmt(value: float) -> str:
             return f"{value:.{digits}g}"
 
-    head = (
-        f"<|start_prompt|>Dataset description: {m.description}"
-        f"Task description: forecast the next {d.pred_len} steps given the previous "
-        f"{d.seq_len} steps information; Input statistics: "
-    )
     columns = zip(
         stats["min"].tolist(),
         stats["max"].tolist(),
@@ -67,8 +92,95 @@ def build_prompts(stats: dict[str, Tensor], cfg: Config) -> list[str]:
         strict=True,
     )
     return [
-        f"{head}min value {fmt(lo)}, max value {fmt(hi)}, median value {fmt(med)}, "
+        f" min value {fmt(lo)}, max value {fmt(hi)}, median value {fmt(med)}, "
         f"the trend of input is {'upward' if trend > 0 else 'downward'}, "
         f"top {len(lags)} lags are : {lags}<|<end_prompt>|>"
         for lo, hi, med, trend, lags in columns
     ]
+
+
+@dataclass
+class PromptIds:
+    """Token ids of a batch of prompts: a ``head`` shared by every row, then per-row ids.
+
+    ``head`` [H] holds the tokeniser's leading special tokens and the constant head text
+    (empty when the tokeniser cannot split prompts, see :class:`PromptTokenizer`); ``tail``
+    [M, S] the rest of each prompt including trailing special tokens, padded on the left;
+    ``tail_mask`` [M, S] is 0 on that padding.
+    """
+
+    head: Tensor
+    tail: Tensor
+    tail_mask: Tensor
+
+    def padded(self) -> tuple[Tensor, Tensor]:
+        """Whole prompts ``[pad ; head ; tail]`` [M, H+S] and their mask: exactly what the
+        tokeniser gives for the full texts with left padding."""
+        rows = self.tail.shape[0]
+        ids = torch.cat([self.head.expand(rows, -1), self.tail], dim=1)
+        mask = torch.cat([self.tail_mask.new_ones(rows, self.head.numel()), self.tail_mask], 1)
+        # [head ; pad ; tail] -> [pad ; head ; tail]: a stable sort of the mask moves each
+        # row's padding to the front and keeps the order of everything else.
+        mask, order = mask.sort(dim=1, stable=True)
+        return ids.gather(1, order), mask
+
+
+class PromptTokenizer:
+    """Tokenises prompts whose head is the same for every series: the head once, at start.
+
+    Each batch then only tokenises the short statistics tails. The split is checked once on
+    a sample prompt: when ``tokenizer(head + tail)`` is not ``leading specials + ids(head) +
+    ids(tail) + trailing specials`` (a tokeniser that merges across the boundary),
+    ``splits`` is False and every call tokenises the whole texts (an empty ``head``).
+    """
+
+    def __init__(self, tokenizer: Any, head: str, sample_tail: str) -> None:
+        self.tokenizer = tokenizer
+        self.head_text = head
+
+        def plain(text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        full = tokenizer(head + sample_tail)["input_ids"]
+        head_ids, tail_ids = plain(head), plain(sample_tail)
+        inner = head_ids + tail_ids
+        start = _find(full, inner)
+        self.splits = start is not None
+        if self.splits:
+            self.head = torch.tensor(full[:start] + head_ids, dtype=torch.long)
+            self.suffix = full[start + len(inner) :]
+        else:
+            self.head = torch.zeros(0, dtype=torch.long)
+            self.suffix = []
+
+    def __deepcopy__(self, memo: dict) -> PromptTokenizer:
+        return self  # never changes after __init__; a copied model shares the tokenizer
+
+    def __call__(self, tails: list[str]) -> PromptIds:
+        """Ids of the prompts ``head + tail`` for each tail."""
+        if not self.splits:
+            return self.whole([self.head_text + tail for tail in tails])
+        rows = [
+            ids + self.suffix
+            for ids in self.tokenizer(tails, add_special_tokens=False)["input_ids"]
+        ]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        tail = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+        return PromptIds(self.head, tail, mask)
+
+    def whole(self, prompts: list[str]) -> PromptIds:
+        """Ids of whole prompt texts, tokenised as they are (the ``head`` is empty)."""
+        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        return PromptIds(
+            torch.zeros(0, dtype=torch.long), encoded["input_ids"], encoded["attention_mask"]
+        )
+
+
+def _find(sequence: list[int], part: list[int]) -> int | None:
+    """Start of the first occurrence of ``part`` in ``sequence``, or None."""
+    for start in range(len(sequence) - len(part) + 1):
+        if sequence[start : start + len(part)] == part:
+            return start
+    return None

@@ -13,6 +13,13 @@ positions and padding does not change any result; no hard-coded bfloat16; the fr
 kept out of the module tree (never in ``state_dict``, optimizers or DDP); dropout in the
 frozen LLM is off unless ``model.backbone_dropout``; MS really maps all inputs to the target.
 
+Work that the published code repeats for every series is done once (issue 7; every item
+keeps the result within float rounding, see tests/test_performance_paths.py): the constant
+prompt head (dataset and task) is tokenised once per model and, on a causal LLM
+(``model.prefix_cache``), run once per batch into a key/value cache that every row reuses;
+the text prototypes are one matrix product per forward; the LLM runs PyTorch's fused
+attention and is never asked for attention maps or hidden states.
+
 LLM ablations of Tan et al. (NeurIPS 2024, "Are Language Models Actually Useful for Time
 Series Forecasting?") are ``model.llm_ablation``:
 
@@ -52,7 +59,13 @@ from timellm_lib.models.layers import (
     rows_to_channels,
 )
 from timellm_lib.models.output import Forecast
-from timellm_lib.models.prompt import build_prompts, prompt_statistics
+from timellm_lib.models.prompt import (
+    PromptIds,
+    PromptTokenizer,
+    prompt_head,
+    prompt_statistics,
+    prompt_tails,
+)
 
 
 class TimeLLM(nn.Module):
@@ -102,6 +115,11 @@ class TimeLLM(nn.Module):
             self.text_prototypes = TextPrototypes(vocab, m.num_tokens)
             self.reprogramming = ReprogrammingLayer(
                 m.d_model, m.n_heads, m.d_ff, self.token_dim, m.dropout
+            )
+            ramp = torch.linspace(-1.0, 1.0, d.seq_len).unsqueeze(0)  # any series will do
+            sample_tail = prompt_tails(prompt_statistics(ramp, m.top_k_lags), cfg)[0]
+            self.prompt_tokenizer = PromptTokenizer(
+                self.backbone.tokenizer, prompt_head(cfg), sample_tail
             )
             self.prompt_embedding = Tap()
             self.llm_input = Tap()
@@ -178,7 +196,7 @@ class TimeLLM(nn.Module):
                 "Reprogramming",
                 f"{m.n_heads} heads x d_keys {m.d_ff} over the prototypes, to llm_dim",
             ),
-            "prompt_embedding": ("Prompt Embedding", "left-padded prompt tokens, word embeddings"),
+            "prompt_embedding": ("Prompt Embedding", self._prompt_note()),
             "llm_input": ("LLM Input", self._llm_input_note()),
             "llm_output": ("LLM Output", llm),
             "llm_features": ("LLM Features", f"first d_ff = {m.d_ff} features of the last P"),
@@ -186,7 +204,18 @@ class TimeLLM(nn.Module):
         }
 
     def _llm_input_note(self) -> str:
+        if self._caches_prefix(None):
+            return "[per-series prompt ; patches] after the cached head, patches last"
         return "[prompt ; patches], patches last"
+
+    def _prompt_note(self) -> str:
+        if self._caches_prefix(None):
+            n_head = self.prompt_tokenizer.head.numel()
+            return (
+                f"per-series prompt tokens, left-padded; the shared head ({n_head} tokens) "
+                "runs once per batch into a key/value cache"
+            )
+        return "left-padded prompt tokens, word embeddings"
 
     # --------------------------------------------------------------------------- forward
 
@@ -218,9 +247,13 @@ class TimeLLM(nn.Module):
             return self.head(tokens if prefix is None else torch.cat([prefix, tokens], dim=1))
         prototypes = self.text_prototypes(self.backbone.word_embeddings)
         patches = self.reprogramming(tokens, prototypes)  # [B*N, P, llm_dim]
-        prompts = build_prompts(prompt_statistics(series, self.cfg.model.top_k_lags), self.cfg)
-        embeds, mask = self.llm_inputs(prompts, patches, prefix)
-        hidden = self.llm_output(self.language_model(embeds, mask))
+        stats = prompt_statistics(series, self.cfg.model.top_k_lags)
+        prompts = self.prompt_tokenizer(prompt_tails(stats, self.cfg))
+        if self._caches_prefix(prefix):
+            hidden = self._encode_after_cached_head(prompts, patches)
+        else:
+            embeds, mask = self.llm_inputs(prompts, patches, prefix)
+            hidden = self.llm_output(self.language_model(embeds, mask))
         return self.head(self.llm_features(hidden[:, -self.n_patch :, : self.cfg.model.d_ff]))
 
     def to_channels(
@@ -235,7 +268,7 @@ class TimeLLM(nn.Module):
         return pred, mean, std
 
     def llm_inputs(
-        self, prompts: list[str], patches: Tensor, prefix: Tensor | None = None
+        self, prompts: list[str] | PromptIds, patches: Tensor, prefix: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """[prefix ; prompt ; patches] embeddings [M, K+T+P, llm_dim] and attention mask.
 
@@ -243,11 +276,12 @@ class TimeLLM(nn.Module):
         row whatever the prompt lengths; padded positions are masked out. The ``prefix``
         tokens [M, K, llm_dim] go right after the padding: ``[pad..., prefix, prompt,
         patches]``. Positions are derived from the mask (``Backbone.encode``), so the first
-        prefix token is position 0 in every row, padded or not.
+        prefix token is position 0 in every row, padded or not. ``prompts`` are the ids of
+        :attr:`prompt_tokenizer` or whole prompt texts (tokenised here).
         """
-        encoded = self.backbone.tokenizer(prompts, return_tensors="pt", padding=True)
-        ids = encoded["input_ids"].to(patches.device)
-        mask = encoded["attention_mask"].to(patches.device)
+        if not isinstance(prompts, PromptIds):
+            prompts = self.prompt_tokenizer.whole(prompts)
+        ids, mask = (t.to(patches.device) for t in prompts.padded())
         words = self.prompt_embedding(self.backbone.word_embeddings[ids]).to(patches.dtype)
         if prefix is not None:
             # [prefix ; pad ; prompt] -> [pad ; prefix ; prompt]: a stable sort of the mask
@@ -262,16 +296,53 @@ class TimeLLM(nn.Module):
         """The frozen LLM (or its trainable stand-in): [M, T, llm_dim] -> [M, T, llm_dim]."""
         if self.llm_standin is not None:
             return self.llm_standin(embeds, mask)
+        self._check_positions(embeds.shape[1])
+        return self.backbone.encode(embeds, mask)
+
+    def _caches_prefix(self, prefix: Tensor | None) -> bool:
+        """Whether the prompt head runs once per batch from a key/value cache
+        (``model.prefix_cache``): exact, so used whenever possible. That needs a causal LLM
+        (the head never attends to what follows it), no stand-in, no extra tokens before
+        the head (TAPR/GRA-M put theirs there), a tokeniser that splits head and tail, and
+        the LLM in eval mode (with its dropout on, every row draws its own head)."""
+        b = self.backbone
+        return (
+            self.cfg.model.prefix_cache
+            and prefix is None
+            and self.llm_standin is None
+            and b.can_cache_prefix
+            and not b.model.training
+            and self.prompt_tokenizer.splits
+        )
+
+    def _encode_after_cached_head(self, prompts: PromptIds, patches: Tensor) -> Tensor:
+        """The LLM output [M, S+P, llm_dim] of ``[tail ; patches]`` after the prompt head.
+
+        Equals the last S+P positions of the uncached ``[pad ; head ; tail ; patches]``
+        (within float rounding): with causal attention and mask-derived positions, moving
+        the padding behind the head changes nothing, and the head's keys and values are the
+        same in every row, so they are computed once (one row of H tokens instead of M).
+        """
+        table = self.backbone.word_embeddings
+        device, dtype = patches.device, patches.dtype
+        head = table[prompts.head.to(device)].to(dtype)  # [H, llm_dim]
+        words = self.prompt_embedding(table[prompts.tail.to(device)].to(dtype))
+        embeds = self.llm_input(torch.cat([words, patches], dim=1))
+        mask = prompts.tail_mask.to(device)
+        mask = torch.cat([mask, mask.new_ones(patches.shape[:2])], dim=1)
+        self._check_positions(head.shape[0] + embeds.shape[1])
+        return self.llm_output(self.backbone.encode(embeds, mask, shared_prefix=head))
+
+    def _check_positions(self, positions: int) -> None:
         limit = self.backbone.max_positions
-        if limit is not None and embeds.shape[1] > limit:
-            prompt = embeds.shape[1] - self.n_patch
+        if limit is not None and positions > limit:
+            prompt = positions - self.n_patch
             raise ValueError(
-                f"the LLM input has {embeds.shape[1]} positions ({prompt} prompt and prefix "
+                f"the LLM input has {positions} positions ({prompt} prompt and prefix "
                 f"tokens + {self.n_patch} patches) but backbone {self.backbone.name!r} takes "
                 f"at most {limit}; lower data.seq_len, raise model.stride, use "
                 "model.prompt_format=compact or shorten model.description"
             )
-        return self.backbone.encode(embeds, mask)
 
     def _check_input(self, x: Tensor) -> None:
         expected = (self.cfg.data.seq_len, self.n_in)

@@ -1,0 +1,197 @@
+"""Every speed-up of the Time-LLM forward keeps the result of the plain path (issue 7).
+
+Prompt head tokenised once, prefix key/value cache on causal backbones, prototypes once per
+forward, SDPA and no attention maps or hidden states requested from the language model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from timellm_lib.backbones import load_backbone
+from timellm_lib.config import Config, config_from_dict
+from timellm_lib.models.enhanced import EnhancedTimeLLM
+from timellm_lib.models.layers import RevIN, channel_rows
+from timellm_lib.models.prompt import (
+    PromptTokenizer,
+    build_prompts,
+    prompt_head,
+    prompt_statistics,
+    prompt_tails,
+)
+from timellm_lib.models.timellm import TimeLLM
+
+SEQ, PRED = 32, 8
+
+
+def small_cfg(**model: object) -> Config:
+    """Tiny sizes on the tiny random GPT-2 (causal): P = 8 patches, no dropout."""
+    settings = {
+        "backbone": "tiny-random-gpt2",
+        "patch_len": 8,
+        "stride": 4,
+        "d_model": 8,
+        "d_ff": 16,
+        "n_heads": 2,
+        "num_tokens": 16,
+        "dropout": 0.0,
+        **model,
+    }
+    data = {"seq_len": SEQ, "label_len": 8, "pred_len": PRED}
+    return config_from_dict({"data": data, "model": settings})
+
+
+def seeded(cfg: Config, n: int = 2, cls: type = TimeLLM) -> TimeLLM:
+    torch.manual_seed(0)
+    return cls(cfg, n, n)
+
+
+def mixed_batch() -> torch.Tensor:
+    """Series whose compact prompts differ in length, so rows are padded differently."""
+    g = torch.Generator().manual_seed(5)
+    square = torch.tensor([1.0, -1.0]).repeat(SEQ // 2)
+    walk = torch.randn(SEQ, generator=g).cumsum(0) * 3 + 2
+    noise = torch.randn(2, SEQ, 2, generator=g)
+    return torch.cat([torch.stack([square, walk], -1).unsqueeze(0), noise])  # [3, SEQ, 2]
+
+
+def llm_positions(model: TimeLLM, x: torch.Tensor) -> int:
+    """Positions per row that the language model runs (seen at the ``llm_input`` stage)."""
+    seen = []
+    handle = model.llm_input.register_forward_hook(lambda _m, _i, out: seen.append(out.shape[1]))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+# ----------------------------------------------------------------- prompt tokenisation
+
+
+@pytest.mark.parametrize("backbone", ["tiny-random-gpt2", "minilm"])
+@pytest.mark.parametrize("prompt_format", ["compact", "published"])
+def test_head_tokenised_once_gives_the_ids_of_fresh_tokenisation(backbone, prompt_format):
+    cfg = small_cfg(backbone=backbone, prompt_format=prompt_format)
+    tokenizer = load_backbone(backbone).tokenizer
+    series = channel_rows(RevIN()(mixed_batch())[0])
+    stats = prompt_statistics(series)
+    cached = PromptTokenizer(tokenizer, prompt_head(cfg), prompt_tails(stats, cfg)[0])
+    assert cached.splits and cached.head.numel() > 10
+
+    ids, mask = cached(prompt_tails(stats, cfg)).padded()
+    fresh = tokenizer(build_prompts(stats, cfg), return_tensors="pt", padding=True)
+    assert torch.equal(ids, fresh["input_ids"]) and torch.equal(mask, fresh["attention_mask"])
+    assert mask[:, 0].eq(0).any()  # some rows really are padded (on the left)
+
+
+def test_a_tokeniser_that_merges_across_the_split_falls_back_to_whole_prompts():
+    tokenizer = load_backbone("tiny-random-gpt2").tokenizer
+    head, tails = "forecast xy", ["zw min value 1", "q max value 22"]  # "xyzw" is one word
+    cached = PromptTokenizer(tokenizer, head, tails[0])
+    assert not cached.splits and cached.head.numel() == 0
+    ids, mask = cached(tails).padded()
+    fresh = tokenizer([head + t for t in tails], return_tensors="pt", padding=True)
+    assert torch.equal(ids, fresh["input_ids"]) and torch.equal(mask, fresh["attention_mask"])
+
+
+# ------------------------------------------------------------------ prefix key/value cache
+
+
+def test_backbone_encode_with_a_shared_prefix_equals_encoding_the_whole_rows():
+    b = load_backbone("tiny-random-gpt2")
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randn(6, b.llm_dim, generator=g)
+    inputs = torch.randn(3, 9, b.llm_dim, generator=g, requires_grad=True)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, :4] = 0  # padding between the prefix and the rest of row 0
+    mask[2, :1] = 0
+
+    cached = b.encode(inputs, mask, shared_prefix=prefix)
+    whole = torch.cat([prefix.expand(3, -1, -1), inputs], dim=1)
+    plain = b.encode(whole, torch.cat([mask.new_ones(3, 6), mask], dim=1))[:, 6:]
+    real = mask.bool()
+    torch.testing.assert_close(cached[real], plain[real], rtol=1e-5, atol=1e-5)
+
+    (grad_cached,) = torch.autograd.grad(cached[real].sum(), inputs)
+    (grad_plain,) = torch.autograd.grad(plain[real].sum(), inputs)
+    torch.testing.assert_close(grad_cached, grad_plain, rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(ValueError, match="cannot reuse a prefix cache"):
+        dataclasses.replace(b, is_causal=False).encode(inputs, mask, shared_prefix=prefix)
+
+
+def test_prefix_cache_matches_the_uncached_model_in_outputs_and_gradients():
+    cached, plain = seeded(small_cfg()), seeded(small_cfg(prefix_cache=False))
+    x, y = mixed_batch(), torch.randn(3, PRED, 2)
+    head = cached.prompt_tokenizer.head.numel()
+    assert llm_positions(plain, x) - llm_positions(cached, x) == head  # the head ran once
+
+    for model in (cached, plain):
+        model.train()
+        F.mse_loss(model(x).pred, y).backward()
+    torch.testing.assert_close(cached(x).pred, plain(x).pred, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(cached.named_parameters(), plain.parameters(), strict=True):
+        assert p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_prefix_cache_stays_off_where_it_would_change_the_result():
+    x = mixed_batch()
+    base = seeded(small_cfg(prefix_cache=False)).eval()
+    full = llm_positions(base, x)
+    assert llm_positions(seeded(small_cfg()).eval(), x) < full
+
+    # dropout inside the LLM draws per row, also on the head: no sharing in train mode
+    leaky = seeded(small_cfg(backbone_dropout=True))
+    assert llm_positions(leaky.train(), x) == full
+    assert llm_positions(leaky.eval(), x) < full
+    # TAPR's trend token comes before the head, so the head is no longer a shared prefix
+    tapr = seeded(small_cfg(use_tapr=True, d_repr=8), cls=EnhancedTimeLLM).eval()
+    assert llm_positions(tapr, x) == full + 1
+    # a bidirectional backbone: every position sees the statistics and the patches
+    minilm = seeded(small_cfg(backbone="minilm")).eval()
+    assert not minilm.backbone.can_cache_prefix
+
+
+# ------------------------------------------------------------- the language model's path
+
+
+@pytest.mark.parametrize("backbone", ["tiny-random-gpt2", "minilm"])
+def test_the_llm_runs_sdpa_and_returns_no_attention_maps_or_hidden_states(backbone, monkeypatch):
+    model = seeded(small_cfg(backbone=backbone))
+    language_model = model.backbone.model
+    assert language_model.config._attn_implementation == "sdpa"
+    outputs, calls = [], []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting_sdpa)
+    handle = language_model.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+    try:
+        model(mixed_batch())
+    finally:
+        handle.remove()
+    assert len(calls) >= model.backbone.n_layers
+    assert outputs and all(o.attentions is None and o.hidden_states is None for o in outputs)
+
+
+# ------------------------------------------------------------------------------ prototypes
+
+
+def test_prototypes_are_computed_once_per_forward():
+    """They do not depend on the batch: one Linear(vocab -> num_tokens) pass per forward,
+    whatever the number of series, never one per series or per channel."""
+    model = seeded(small_cfg())
+    calls = []
+    model.text_prototypes.register_forward_hook(lambda _m, _i, out: calls.append(out.shape))
+    model(mixed_batch())
+    model(torch.randn(5, SEQ, 2))
+    assert calls == [(16, model.backbone.llm_dim)] * 2
