@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from model_helpers import TINY_MODEL
 
 from timellm_lib.config import Config, ConfigError, config_from_dict, load_config
 from timellm_lib.data.windows import WindowDataset
@@ -33,14 +34,7 @@ def enabled(variant: str) -> set[str]:
 def small_cfg(features: str = "M", seq_len: int = SEQ, pred_len: int = PRED, **model) -> Config:
     """Tiny sizes (P = (32 - 8)//4 + 2 = 8), a short prompt, no dropout, a small memory."""
     settings = {
-        "backbone": "tiny-random-gpt2",
-        "patch_len": 8,
-        "stride": 4,
-        "d_model": 8,
-        "d_ff": 16,
-        "n_heads": 2,
-        "num_tokens": 16,
-        "dropout": 0.0,
+        **TINY_MODEL,
         "description": "Toy. ",
         "d_repr": 8,
         "top_k": 3,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from model_helpers import TINY_MODEL
 
 from timellm_lib.config import Config, ConfigError, config_from_dict
 from timellm_lib.models import build_model
@@ -18,14 +19,7 @@ SEQ, PRED = 32, 8
 def small_cfg(features: str = "M", **model: object) -> Config:
     """Tiny sizes: P = (32 - 8)//4 + 2 = 8 patches, d_ff 16 <= llm_dim 128, no dropout."""
     settings = {
-        "backbone": "tiny-random-gpt2",
-        "patch_len": 8,
-        "stride": 4,
-        "d_model": 8,
-        "d_ff": 16,
-        "n_heads": 2,
-        "num_tokens": 16,
-        "dropout": 0.0,
+        **TINY_MODEL,
         **model,
     }
     data = {"seq_len": SEQ, "label_len": 8, "pred_len": PRED, "features": features}

@@ -11,6 +11,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from model_helpers import TINY_MODEL
 
 from timellm_lib.backbones import load_backbone
 from timellm_lib.config import Config, config_from_dict
@@ -31,14 +32,7 @@ SEQ, PRED = 32, 8
 def small_cfg(**model: object) -> Config:
     """Tiny sizes on the tiny random GPT-2 (causal): P = 8 patches, no dropout."""
     settings = {
-        "backbone": "tiny-random-gpt2",
-        "patch_len": 8,
-        "stride": 4,
-        "d_model": 8,
-        "d_ff": 16,
-        "n_heads": 2,
-        "num_tokens": 16,
-        "dropout": 0.0,
+        **TINY_MODEL,
         **model,
     }
     data = {"seq_len": SEQ, "label_len": 8, "pred_len": PRED}
