@@ -103,6 +103,7 @@ class TrainConfig:
     log_steps: int = 10
     amp: Literal["off", "bf16", "fp16"] = "off"
     compile: bool = False  # torch.compile the model in place (for GPUs; state_dict keys unchanged)
+    fused_optimizer: bool = True  # fused Adam/AdamW kernel where torch has one (faster update)
     ema_decay: float = 0.0  # 0 disables EMA
     eval_with_ema: bool = False
     grad_accum: int = 1

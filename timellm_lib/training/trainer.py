@@ -110,8 +110,15 @@ RESUME_MAY_CHANGE = {
     "train.on_nan_lr_factor",
     "train.on_nan_max_reloads",
     "train.on_save_error",
+    # speed only: the same computation up to float rounding (prefix_cache: exact)
+    "train.compile",
+    "train.fused_optimizer",
+    "model.prefix_cache",
     "data.num_workers",  # batches are gathered identically with or without workers
 }
+
+# Optimizer param_group keys that choose a kernel, not what the optimizer computes.
+_KERNEL_KEYS = ("fused", "foreach")
 
 
 class TrainingError(WorkbenchError):
@@ -230,7 +237,8 @@ def train(
     add ``resume_reset_scheduler`` to start the schedule over from the current step);
     ``resume_counter`` overrides the EarlyStopping counter. ``model``/``datasets`` replace
     the ones the config would build (tests, notebooks); after a finished run ``model`` holds
-    best.pt's weights (those the test split was evaluated with). ``on_event`` receives every
+    best.pt's weights (those the test split was evaluated with), and with train.compile it
+    stays compiled (in place). ``on_event`` receives every
     metrics.jsonl record as it is written (a notebook draws its live loss plot from them).
 
     Under torchrun every process calls this with the same arguments (see the module
@@ -311,6 +319,8 @@ def _train(
 
         model = build_model(cfg, datasets.n_in, datasets.n_out)
     model.to(world.device)
+    if t.compile:
+        model.compile(dynamic=True)  # in place: state_dict keys stay those of the eager model
     _check_split_sizes(cfg, datasets, world)
     loader = ResumableLoader(
         datasets.train, cfg.data.batch_size, t.seed, cfg.data.num_workers, world.rank, world.size
@@ -903,11 +913,23 @@ def _restore_rng(run: _Run, ckpt: dict[str, Any]) -> None:
 
 def _load_training_state(run: _Run, ckpt: dict[str, Any]) -> None:
     """Optimizer, AMP scaler and EMA (the state that moves with the weights)."""
-    run.optimizer.load_state_dict(ckpt["optimizer"])
+    _load_optimizer_state(run.optimizer, ckpt["optimizer"])
     if run.scaler:
         run.scaler.load_state_dict(ckpt["scaler"])
     if run.ema:
         run.ema.load_state_dict(ckpt["ema"])
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load the checkpoint's moments and hyperparameters but keep this optimizer's kernel
+    choice: ``load_state_dict`` would also restore the checkpoint's ``fused``/``foreach``
+    flags (and place ``step`` by them), so a resume with train.fused_optimizer changed would
+    quietly keep the old kernel."""
+    groups = [
+        {**saved, **{key: live[key] for key in _KERNEL_KEYS}}
+        for saved, live in zip(state["param_groups"], optimizer.param_groups, strict=True)
+    ]
+    optimizer.load_state_dict({**state, "param_groups": groups})
 
 
 def _discard_newer(run: _Run, path: Path) -> list[str]:
@@ -1062,7 +1084,13 @@ def _build_optimizer(model: nn.Module, t: Any) -> torch.optim.Optimizer:
     if not params:
         raise TrainingError("the model has no trainable parameters")
     cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
+    # torch's fused Adam/AdamW kernels cover floating-point tensors on CPU and CUDA (the
+    # devices this trainer runs on): one kernel per update instead of several per tensor.
+    # None leaves the choice to torch (its foreach kernel on CUDA).
+    fused = t.fused_optimizer and all(
+        p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params
+    )
+    return cls(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
 
 
 @contextmanager
