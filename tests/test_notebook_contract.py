@@ -10,6 +10,7 @@ import pandas as pd
 import papermill
 import pytest
 import yaml
+from notebook_helpers import execute_notebook
 from test_runs import make_runs
 
 from timellm_lib.errors import WorkbenchError
@@ -190,25 +191,19 @@ def test_init_notebook_moves_to_the_repository_root_and_checks_types(tmp_path, m
 @pytest.mark.slow
 def test_runs_explorer_notebook_runs_headless(repo_root, tmp_path):
     runs = make_runs(tmp_path / "outputs")
-    notebook = repo_root / "notebooks" / "06_runs_explorer.ipynb"
-    params = yaml.safe_load((repo_root / "configs" / "notebooks" / "06_smoke.yaml").read_text())
-    params |= {"runs_root": str(tmp_path / "outputs"), "export_csv": str(tmp_path / "long.csv")}
-    check(params, parse_parameters_cell(notebook), notebook.name)
-    executed = tmp_path / "06.ipynb"
-    papermill.execute_notebook(
-        str(notebook),
-        str(executed),
-        parameters=params,
-        kernel_name="python3",
-        cwd=str(repo_root),
-        progress_bar=False,
+    nb = execute_notebook(
+        repo_root,
+        tmp_path,
+        "06",
+        runs_root=str(tmp_path / "outputs"),
+        export_csv=str(tmp_path / "long.csv"),
     )
     long = pd.read_csv(tmp_path / "long.csv")
     assert set(long["run"]) == {f"exp/{name}" for name in runs}
     assert (long.groupby("run")["metric"].apply(set).map(lambda m: {"loss", "val_loss"} <= m)).all()
     mime_types = {
         mime
-        for cell in nbformat.read(executed, 4).cells
+        for cell in nb.cells
         for output in cell.get("outputs", [])
         for mime in output.get("data", {})
     }

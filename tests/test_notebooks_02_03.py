@@ -4,15 +4,13 @@ its heading, the computed claims came out true and the figures were drawn."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import nbformat
 import papermill
 import pytest
 import yaml
+from notebook_helpers import execute_notebook
 from trainer_helpers import tiny_config
 
-from timellm_lib.notebook_params import check, parse_parameters_cell
 from timellm_lib.training import train
 from timellm_lib.walkthrough import MARKER
 
@@ -41,24 +39,6 @@ WALKTHROUGH_HEADINGS = [
 ]
 
 
-def execute(repo_root: Path, tmp_path: Path, number: str, **changes) -> nbformat.NotebookNode:
-    """Run notebooks/<number>_*.ipynb with its smoke parameters updated by ``changes``."""
-    notebook = next((repo_root / "notebooks").glob(f"{number}_*.ipynb"))
-    smoke = repo_root / "configs" / "notebooks" / f"{number}_smoke.yaml"
-    params = yaml.safe_load(smoke.read_text()) | changes
-    check(params, parse_parameters_cell(notebook), notebook.name, repo_root)
-    executed = tmp_path / notebook.name
-    papermill.execute_notebook(
-        str(notebook),
-        str(executed),
-        parameters=params,
-        kernel_name="python3",
-        cwd=str(repo_root),
-        progress_bar=False,
-    )
-    return nbformat.read(executed, as_version=4)
-
-
 def texts(nb: nbformat.NotebookNode) -> tuple[str, str, set[str]]:
     """Markdown, printed/displayed text, and the mime types of every output."""
     markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
@@ -79,7 +59,9 @@ def claims(printed: str) -> list[str]:
 def test_checkpoint_anatomy_notebook(repo_root, tmp_path):
     smoke = yaml.safe_load((repo_root / "configs/notebooks/02_smoke.yaml").read_text())
     overrides = [*smoke["overrides"], f"data.path={tmp_path / 'data.csv'}"]
-    nb = execute(repo_root, tmp_path, "02", output_root=str(tmp_path / "out"), overrides=overrides)
+    nb = execute_notebook(
+        repo_root, tmp_path, "02", output_root=str(tmp_path / "out"), overrides=overrides
+    )
 
     (run,) = (tmp_path / "out" / "anatomy").iterdir()
     names = {p.name for p in (run / "checkpoints").iterdir()}
@@ -103,7 +85,7 @@ def test_checkpoint_anatomy_opens_a_given_run(repo_root, tmp_path):
     cfg = tiny_config(tmp_path, "train.epochs=1")
     train(cfg, run_dir=tmp_path / "run", progress=False)
     before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    nb = execute(
+    nb = execute_notebook(
         repo_root, tmp_path, "02", run_dir=str(tmp_path / "run"), output_root=str(tmp_path / "out")
     )
 
@@ -119,7 +101,7 @@ def test_checkpoint_anatomy_opens_a_given_run(repo_root, tmp_path):
 
 def test_resume_walkthrough_notebook(repo_root, tmp_path):
     root = tmp_path / "walkthrough"
-    nb = execute(
+    nb = execute_notebook(
         repo_root,
         tmp_path,
         "03",
@@ -153,7 +135,7 @@ def test_resume_walkthrough_notebook(repo_root, tmp_path):
 
 def test_a_bad_walkthrough_parameter_fails_in_the_first_cell(repo_root, tmp_path):
     with pytest.raises(papermill.PapermillExecutionError) as err:
-        execute(
+        execute_notebook(
             repo_root,
             tmp_path,
             "03",

@@ -122,43 +122,26 @@ def loss_curves_plotly(
         rows=2, cols=1, shared_xaxes=True, row_heights=[0.75, 0.25], vertical_spacing=0.06
     )
     for color, s in zip(cycle(PALETTE), loss_series(run_dirs, smooth), strict=False):
-        group = {"legendgroup": s.label, "line_color": color}
-        fig.add_trace(
-            go.Scatter(
-                x=s.train["global_step"], y=s.train["loss"], name=f"{s.label} train", **group
-            ),
-            row=1,
-            col=1,
-        )
-        fig.add_trace(
-            go.Scatter(
-                x=s.val["global_step"],
-                y=s.val["val_loss"],
-                name=f"{s.label} val",
-                mode="lines+markers",
-                line_dash="dash",
-                **group,
-            ),
-            row=1,
-            col=1,
-        )
-        fig.add_trace(
-            go.Scatter(
-                x=s.best["global_step"],
-                y=s.best["val_loss"],
-                name=f"{s.label} best",
-                mode="markers",
-                marker={"symbol": "star", "size": 13, "color": color},
-                **group,
-            ),
-            row=1,
-            col=1,
-        )
-        fig.add_trace(
-            go.Scatter(x=s.lr["global_step"], y=s.lr["lr"], name=f"{s.label} lr", **group),
-            row=2,
-            col=1,
-        )
+        dashed = {"mode": "lines+markers", "line_dash": "dash"}
+        star = {"mode": "markers", "marker": {"symbol": "star", "size": 13, "color": color}}
+        for part, frame, column, row, style in [  # subplot row 1: losses, row 2: lr
+            ("train", s.train, "loss", 1, {}),
+            ("val", s.val, "val_loss", 1, dashed),
+            ("best", s.best, "val_loss", 1, star),
+            ("lr", s.lr, "lr", 2, {}),
+        ]:
+            fig.add_trace(
+                go.Scatter(
+                    x=frame["global_step"],
+                    y=frame[column],
+                    name=f"{s.label} {part}",
+                    legendgroup=s.label,
+                    line_color=color,
+                    **style,
+                ),
+                row=row,
+                col=1,
+            )
     fig.update_yaxes(title_text="loss", row=1, col=1)
     fig.update_yaxes(title_text="lr", row=2, col=1)
     fig.update_xaxes(title_text="global step", row=2, col=1)

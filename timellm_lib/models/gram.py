@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,27 @@ def window_statistics(x: Tensor) -> Tensor:
     t = t - t.mean()
     slope = ((x - mean.unsqueeze(-1)) * t).sum(-1) / (t.pow(2).sum() + _NORM_EPS)
     return torch.stack([mean, std, x.amin(-1), x.amax(-1), x[..., -1], slope], dim=-1)
+
+
+def _window_scale(windows: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and std ``[..., 1]`` of each window, as instance normalisation takes them.
+
+    The pattern encoder divides them out to compare shapes, and the memory stores futures
+    in the same units, so that both live in the space the model's normalised input lives in.
+    """
+    mean = windows.mean(-1, keepdim=True)
+    std = torch.sqrt(windows.var(-1, keepdim=True, correction=0) + _NORM_EPS)
+    return mean, std
+
+
+def check_branch_inputs(branch: str, patch_emb: Tensor, series: Tensor) -> None:
+    """The composer's convention for TAPR and GRA-M: ``patch_emb [B*N, P, d_model]`` and
+    ``series [B*N, L]``, one row per channel-independent series."""
+    if patch_emb.dim() != 3 or series.dim() != 2 or patch_emb.shape[0] != series.shape[0]:
+        raise ValueError(
+            f"{branch} needs patch_emb [B*N, P, d_model] and series [B*N, L] with the same "
+            f"rows; got {tuple(patch_emb.shape)} and {tuple(series.shape)}"
+        )
 
 
 def query_positions_for(starts: Tensor, n_channels: int) -> Tensor:
@@ -152,9 +174,8 @@ class PatternEncoder(nn.Module):
         self.norm = nn.LayerNorm(d_repr)
 
     def forward(self, windows: Tensor) -> Tensor:
-        z = (windows - windows.mean(-1, keepdim=True)) / torch.sqrt(
-            windows.var(-1, keepdim=True, correction=0) + _NORM_EPS
-        )
+        mean, std = _window_scale(windows)
+        z = (windows - mean) / std
         z = F.adaptive_avg_pool1d(z.unsqueeze(1), self.n_tokens * self.token_len)[:, 0]
         tokens = self.embed(z.view(-1, self.n_tokens, self.token_len))
         x = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], dim=1) + self.pos
@@ -294,8 +315,7 @@ class PVDR(nn.Module):
                 stacklevel=2,
             )
             futures = resize_horizon(futures, self.pred_len)
-        mean = windows.mean(-1, keepdim=True)
-        std = torch.sqrt(windows.var(-1, keepdim=True, correction=0) + _NORM_EPS)
+        mean, std = _window_scale(windows)
         rows = slice(start, start + n)
         self.memory_windows[rows] = windows
         self.memory_values[rows] = (futures - mean) / std
@@ -589,7 +609,12 @@ class GRAMOutput:
 
 
 class GRAM(nn.Module):
-    """Retrieve similar training windows and fuse their futures: PVDR, then AKG."""
+    """Retrieve similar training windows and fuse their futures: PVDR, then AKG.
+
+    ``n_heads`` is the AKG's cross-attention. ``retriever_options`` (``d_repr``, ``top_k``,
+    ``max_memory_size``, ``temperature``, ``refresh_every``, ...) go to :class:`PVDR` as
+    they are, so their defaults are stated once, there.
+    """
 
     def __init__(
         self,
@@ -597,17 +622,12 @@ class GRAM(nn.Module):
         pred_len: int,
         d_model: int,
         llm_dim: int,
-        d_repr: int = 64,
-        top_k: int = 5,
-        max_memory_size: int = 10000,
-        temperature: float = 0.1,
+        *,
         n_heads: int = 4,
-        refresh_every: int = 50,
+        **retriever_options: Any,
     ) -> None:
         super().__init__()
-        self.retriever = PVDR(
-            seq_len, pred_len, d_repr, top_k, max_memory_size, temperature, refresh_every
-        )
+        self.retriever = PVDR(seq_len, pred_len, **retriever_options)
         self.akg = AdaptiveKnowledgeGate(d_model, pred_len, llm_dim, n_heads)
 
     @classmethod
@@ -637,11 +657,7 @@ class GRAM(nn.Module):
     def forward(
         self, patch_emb: Tensor, series: Tensor, query_positions: Tensor | None = None
     ) -> GRAMOutput:
-        if patch_emb.dim() != 3 or series.dim() != 2 or patch_emb.shape[0] != series.shape[0]:
-            raise ValueError(
-                f"GRAM needs patch_emb [B*N, P, d_model] and series [B*N, L] with the same rows; "
-                f"got {tuple(patch_emb.shape)} and {tuple(series.shape)}"
-            )
+        check_branch_inputs("GRAM", patch_emb, series)
         if self.training and self.retriever.size and query_positions is None:
             warnings.warn(
                 "GRA-M runs in training mode without query_positions: a training window may "

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from timellm_lib.config import Config
-from timellm_lib.models.gram import N_STATS, window_statistics
+from timellm_lib.models.gram import N_STATS, check_branch_inputs, window_statistics
 
 UP, DOWN, FLAT = 0, 1, 2  # direction classes
 STRONG_UP, WEAK_UP, WEAK_DOWN, STRONG_DOWN = 0, 1, 2, 3  # magnitude classes
@@ -403,11 +403,7 @@ class TAPR(nn.Module):
         return self.head.thresholds
 
     def forward(self, patch_emb: Tensor, series: Tensor) -> TAPROutput:
-        if patch_emb.dim() != 3 or series.dim() != 2 or patch_emb.shape[0] != series.shape[0]:
-            raise ValueError(
-                f"TAPR needs patch_emb [B*N, P, d_model] and series [B*N, L] with the same rows; "
-                f"got {tuple(patch_emb.shape)} and {tuple(series.shape)}"
-            )
+        check_branch_inputs("TAPR", patch_emb, series)
         output, trend, scale_trends = self.decomposition(patch_emb)
         stats = torch.asinh(window_statistics(series))
         prediction = self.head(torch.cat([output.mean(1), trend[:, -1], stats], -1))
