@@ -1,7 +1,8 @@
 """Every speed-up of the Time-LLM forward keeps the result of the plain path (issue 7).
 
-Prompt head tokenised once, prefix key/value cache on causal backbones, prototypes once per
-forward, SDPA and no attention maps or hidden states requested from the language model.
+Prompt head tokenised once, prefix key/value cache on causal backbones, the final layer of a
+bidirectional backbone for the patch positions only, prototypes once per forward, SDPA and no
+attention maps or hidden states requested from the language model.
 """
 
 from __future__ import annotations
@@ -150,6 +151,46 @@ def test_prefix_cache_stays_off_where_it_would_change_the_result():
     # a bidirectional backbone: every position sees the statistics and the patches
     minilm = seeded(small_cfg(backbone="minilm")).eval()
     assert not minilm.backbone.can_cache_prefix
+
+
+# ------------------------------------------------- final LLM layer for the patch positions
+
+
+def test_backbone_encode_keeping_the_last_positions_equals_slicing_the_whole_output():
+    b = load_backbone("minilm")
+    assert b.last_layer is not None and load_backbone("tiny-random-gpt2").last_layer is None
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.randn(3, 12, b.llm_dim, generator=g, requires_grad=True)
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[0, :4] = 0  # left padding, as the prompts have
+    whole = b.encode(inputs, mask)
+    kept = b.encode(inputs, mask, keep_last=5)
+    assert kept.shape == (3, 5, b.llm_dim)
+    torch.testing.assert_close(kept, whole[:, -5:], rtol=1e-5, atol=1e-5)
+    (grad_kept,) = torch.autograd.grad(kept.square().sum(), inputs)
+    (grad_whole,) = torch.autograd.grad(whole[:, -5:].square().sum(), inputs)
+    torch.testing.assert_close(grad_kept, grad_whole, rtol=1e-5, atol=1e-4)
+    assert "forward" not in vars(b.last_layer)  # the layer is whole again afterwards
+    torch.testing.assert_close(b.encode(inputs, mask), whole)
+
+
+def test_final_layer_for_patches_only_matches_the_full_model_in_outputs_and_gradients():
+    x, y = mixed_batch(), torch.randn(3, PRED, 2)
+    cfgs = [small_cfg(backbone="minilm", last_layer_patches_only=v) for v in (True, False)]
+    kept, full = (seeded(cfg) for cfg in cfgs)
+    shapes = []
+    for model in (kept, full):
+        handle = model.llm_output.register_forward_hook(
+            lambda _m, _i, out: shapes.append(out.shape[1])
+        )
+        model.train()
+        F.mse_loss(model(x).pred, y).backward()
+        handle.remove()
+    assert shapes[0] == kept.n_patch < shapes[1]  # the prompt positions never left layer 5
+    torch.testing.assert_close(kept(x).pred, full(x).pred, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(kept.named_parameters(), full.parameters(), strict=True):
+        assert p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 # ------------------------------------------------------------- the language model's path

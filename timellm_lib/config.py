@@ -67,6 +67,8 @@ class ModelConfig:
     prompt_precision: int = 3  # significant digits of prompt statistics (compact format)
     backbone_dropout: bool = False  # the published code leaves dropout active in the frozen LM
     prefix_cache: bool = True  # causal LLMs: the constant prompt head runs once per batch (exact)
+    # BERT-style LLMs: the final layer computes only the patch positions the head reads (exact)
+    last_layer_patches_only: bool = True
     # enhanced model (TAPR, GRA-M) and LLM ablations
     use_tapr: bool = False
     use_gram: bool = False

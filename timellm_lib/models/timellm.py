@@ -198,10 +198,15 @@ class TimeLLM(nn.Module):
             ),
             "prompt_embedding": ("Prompt Embedding", self._prompt_note()),
             "llm_input": ("LLM Input", self._llm_input_note()),
-            "llm_output": ("LLM Output", llm),
+            "llm_output": ("LLM Output", self._llm_output_note(llm)),
             "llm_features": ("LLM Features", f"first d_ff = {m.d_ff} features of the last P"),
             "head": ("Head", "FlattenHead: d_ff*P -> pred_len"),
         }
+
+    def _llm_output_note(self, llm: str) -> str:
+        if self._keeps_patches_only():
+            return f"{llm}; its final layer computes only the last P (patch) positions"
+        return llm
 
     def _llm_input_note(self) -> str:
         if self._caches_prefix(None):
@@ -297,7 +302,19 @@ class TimeLLM(nn.Module):
         if self.llm_standin is not None:
             return self.llm_standin(embeds, mask)
         self._check_positions(embeds.shape[1])
-        return self.backbone.encode(embeds, mask)
+        keep = self.n_patch if self._keeps_patches_only() else None
+        return self.backbone.encode(embeds, mask, keep_last=keep)
+
+    def _keeps_patches_only(self) -> bool:
+        """Whether the LLM's final layer runs for the patch positions alone
+        (``model.last_layer_patches_only``): only they reach the head, so this is exact."""
+        b = self.backbone
+        return (
+            self.cfg.model.last_layer_patches_only
+            and self.llm_standin is None
+            and b is not None
+            and b.last_layer is not None
+        )
 
     def _caches_prefix(self, prefix: Tensor | None) -> bool:
         """Whether the prompt head runs once per batch from a key/value cache

@@ -114,6 +114,7 @@ RESUME_MAY_CHANGE = {
     "train.compile",
     "train.fused_optimizer",
     "model.prefix_cache",
+    "model.last_layer_patches_only",
     "data.num_workers",  # batches are gathered identically with or without workers
 }
 
