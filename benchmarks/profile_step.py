@@ -4,11 +4,12 @@ Builds the step of ``benchmarks/step_time.py`` for one mode, runs it once to war
 profiles one step. Prints one JSON object: the step's seconds and GFLOP/s, the self CPU time
 per operator family (matrix products, attention kernels, random numbers for dropout,
 element-wise and normalisation work, optimizer, copies) and the top operators. Profile
+``--mode published-code --published-src DIR`` (a checkout of KimMeen/Time-LLM) or
 ``--mode reference`` for where the published implementation's time goes (before) and
 ``--mode workbench`` for ours (after).
 
-    python benchmarks/profile_step.py [--mode workbench|published|reference] [--top 15]
-        [--batch 8] [--threads 2] [--amp off|bf16]
+    python benchmarks/profile_step.py [--mode workbench|published|reference|published-code]
+        [--top 15] [--batch 8] [--threads 2] [--amp off|bf16] [--published-src DIR]
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ def family(op: str) -> str:
     return "elementwise_other"
 
 
-def profile_step(mode: str, batch: int, threads: int, amp: str, top: int) -> dict:
+def profile_step(
+    mode: str, batch: int, threads: int, amp: str, top: int, published_src: str | None = None
+) -> dict:
     torch.set_num_threads(threads)
-    _, step = build_step(mode, batch, amp)
+    _, step = build_step(mode, batch, amp, published_src=published_src)
     step()
     with FlopCounterMode(display=False) as counter:
         step()
@@ -94,8 +97,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--amp", choices=["off", "bf16"], default="off")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--published-src", help="a checkout of KimMeen/Time-LLM")
     args = parser.parse_args()
-    result = profile_step(args.mode, args.batch, args.threads, args.amp, args.top)
+    if args.mode == "published-code" and not args.published_src:
+        parser.error("mode published-code needs --published-src DIR")
+    result = profile_step(
+        args.mode, args.batch, args.threads, args.amp, args.top, args.published_src
+    )
     print(json.dumps(result, indent=2))
 
 

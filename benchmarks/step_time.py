@@ -8,16 +8,21 @@ an Adam update of every trainable parameter (32.5 M, 30.5 M of them in the proto
 Modes (``--modes``, comma-separated):
 
 - ``workbench``: the defaults (compact prompt, frozen LM in eval mode).
+- ``published-prompt``: the defaults but the published prompt text (statistics printed at
+  full float precision): the speed effect of rounding them.
 - ``published``: the published prompt text (statistics printed at full float precision) and
   dropout left active inside the frozen LM, exactly as the published code computes them.
 - ``reference``: ``published`` plus what the published code asks of the language model
   (eager attention, every attention map and hidden state returned) and its optimizer (the
-  plain per-parameter Adam). The published code itself cannot be run here; this mode is our
-  model with those known costs switched back on, the stand-in it is compared with.
+  plain per-parameter Adam): our model with those known costs switched back on.
+- ``published-code``: the published model class itself, from a checkout of
+  https://github.com/KimMeen/Time-LLM named by ``--published-src`` (see
+  ``benchmarks/published_code.py``); the yardstick when such a checkout is at hand.
 
-The other modes update with the fused Adam kernel (``--adam fused``, one pass over all
-parameters; the same update up to float rounding), which the trainer should build too, and
-run under ``--amp`` and ``--compile`` (``reference`` stays eager fp32).
+The workbench modes update with the fused Adam kernel (``--adam fused``, one pass over all
+parameters; the same update up to float rounding), as the trainer does, and run under
+``--amp`` and ``--compile``; ``reference`` and ``published-code`` stay eager fp32 with plain
+Adam.
 
 Each mode runs in its own worker process, so its peak RSS is its own; the parent interleaves
 the workers' steps round by round (rotating the order), so that load on a shared machine hits
@@ -30,7 +35,7 @@ Prints one JSON object per mode, then a summary with the ratios to the last mode
 
     python benchmarks/step_time.py [--modes workbench,published,reference] [--steps 5]
         [--batch 8] [--threads 2] [--amp off|bf16] [--device cpu|cuda] [--compile]
-        [--adam fused|plain]
+        [--adam fused|plain] [--published-src DIR --modes ...,published-code]
 
 On a GPU: ``--device cuda --amp bf16 [--compile]``, and ``--batch 24``.
 """
@@ -50,6 +55,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from published_code import build_published_step, llm_input_shape
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -73,14 +79,22 @@ PUBLISHED = ["model.prompt_format=published", "model.backbone_dropout=true"]
 
 @dataclass(frozen=True)
 class Mode:
-    overrides: tuple[str, ...]
+    overrides: tuple[str, ...] = ()
     reference: bool = False  # eager attention returning every attention map and hidden state
+    published_code: bool = False  # the published model class itself (needs --published-src)
+
+    @property
+    def yardstick(self) -> bool:
+        """Runs as published whatever --amp, --compile and --adam say: fp32, eager, plain Adam."""
+        return self.reference or self.published_code
 
 
 MODES = {
-    "workbench": Mode(()),
+    "workbench": Mode(),
+    "published-prompt": Mode((PUBLISHED[0],)),
     "published": Mode(tuple(PUBLISHED)),
-    "reference": Mode(tuple(PUBLISHED), reference=True),
+    "reference": Mode((*PUBLISHED, "model.last_layer_patches_only=false"), reference=True),
+    "published-code": Mode(published_code=True),
 }
 
 
@@ -108,25 +122,30 @@ def build_step(
     compile_model: bool = False,
     adam: str = "fused",
     extra: list[str] | None = None,
+    published_src: str | None = None,
 ) -> tuple[nn.Module, Callable[[], float]]:
     """A model of ``mode`` in train mode and a function doing one training step on a fixed
     random batch (as the trainer does: forward under autocast, MSE, backward, Adam);
-    the step returns the loss. ``adam``: ``fused`` or ``plain``; ``reference`` is always
-    plain Adam in fp32 without compilation, the fixed yardstick."""
+    the step returns the loss. ``adam``: ``fused`` or ``plain``; the yardstick modes are
+    always plain Adam in fp32 without compilation."""
     cfg = anchor_config(mode, batch, extra)
+    if MODES[mode].published_code:
+        return build_published_step(
+            published_src, batch, cfg.data.seq_len, cfg.data.pred_len, N_CHANNELS
+        )
     torch.manual_seed(0)
     model = build_model(cfg, N_CHANNELS, N_CHANNELS)
     if MODES[mode].reference:
         use_reference_attention(model)
     model.to(device).train()
-    if compile_model and not MODES[mode].reference:
+    if compile_model and not MODES[mode].yardstick:
         model.compile(dynamic=True)  # in place: state_dict keys stay as they are
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = adam == "fused" and not MODES[mode].reference
+    fused = adam == "fused" and not MODES[mode].yardstick
     optimizer = torch.optim.Adam(params, lr=1e-3, fused=fused)
     x = torch.randn(batch, cfg.data.seq_len, N_CHANNELS, device=device)
     y = torch.randn(batch, cfg.data.pred_len, N_CHANNELS, device=device)
-    dtype = None if MODES[mode].reference else {"off": None, "bf16": torch.bfloat16}[amp]
+    dtype = None if MODES[mode].yardstick else {"off": None, "bf16": torch.bfloat16}[amp]
 
     def step() -> float:
         with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
@@ -142,23 +161,27 @@ def build_step(
 
 def llm_tokens(model: nn.Module, batch: int) -> dict[str, int]:
     """Language-model positions one step runs through the frozen LM (from a traced pass)."""
-    seen: dict[str, int] = {}
+    if hasattr(model, "llm_model"):  # the published model
+        rows, positions, _ = llm_input_shape(model, batch, model.seq_len, N_CHANNELS)
+    else:
+        rows, positions = _workbench_llm_input_shape(model, batch)
+    return {
+        "llm_rows": rows,
+        "llm_positions": positions,
+        "llm_tokens_per_step": rows * positions,
+    }
 
-    def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        seen["rows"], seen["positions"] = output.shape[0], output.shape[1]
 
-    handle = model.llm_input.register_forward_hook(hook)
+def _workbench_llm_input_shape(model: nn.Module, batch: int) -> tuple[int, int]:
+    seen: list[torch.Size] = []
+    handle = model.llm_input.register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
     try:
         with torch.no_grad():
             x = torch.randn(batch, model.cfg.data.seq_len, N_CHANNELS, device=_device(model))
             model(x)
     finally:
         handle.remove()
-    return {
-        "llm_rows": seen["rows"],
-        "llm_positions": seen["positions"],
-        "llm_tokens_per_step": seen["rows"] * seen["positions"],
-    }
+    return seen[0][0], seen[0][1]
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -189,7 +212,13 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"
     model, step = build_step(
-        args.worker, args.batch, args.amp, args.device, args.compile, args.adam
+        args.worker,
+        args.batch,
+        args.amp,
+        args.device,
+        args.compile,
+        args.adam,
+        published_src=args.published_src,
     )
     tokens = llm_tokens(model, args.batch)
     start = time.perf_counter()
@@ -275,6 +304,8 @@ def _shared_flags(args: argparse.Namespace) -> list[str]:
         f"--device={args.device}",
         f"--adam={args.adam}",
     ]
+    if args.published_src:
+        flags.append(f"--published-src={args.published_src}")
     return flags + (["--compile"] if args.compile else [])
 
 
@@ -285,9 +316,9 @@ def summarise(worker: Worker, final: dict, args: argparse.Namespace) -> dict:
     return {
         "mode": worker.mode,
         "device": args.device,
-        "amp": "off" if MODES[worker.mode].reference else args.amp,
-        "compile": args.compile and not MODES[worker.mode].reference,
-        "adam": "plain" if MODES[worker.mode].reference else args.adam,
+        "amp": "off" if MODES[worker.mode].yardstick else args.amp,
+        "compile": args.compile and not MODES[worker.mode].yardstick,
+        "adam": "plain" if MODES[worker.mode].yardstick else args.adam,
         "batch": args.batch,
         "threads": args.threads,
         "step_s_median": round(median, 3),
@@ -323,6 +354,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--adam", choices=["fused", "plain"], default="fused")
+    parser.add_argument(
+        "--published-src", help="a checkout of KimMeen/Time-LLM, for the mode published-code"
+    )
     parser.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -332,6 +366,11 @@ def main() -> None:
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         parser.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
+    if "published-code" in modes and not args.published_src:
+        parser.error(
+            "mode published-code needs --published-src DIR, a checkout of "
+            "https://github.com/KimMeen/Time-LLM"
+        )
 
     peak_before = matmul_gflops(args.threads) if args.device == "cpu" else None
     workers = [Worker(mode, args) for mode in modes]  # built one after the other
