@@ -26,7 +26,9 @@ Adam.
 
 Each mode runs in its own worker process, so its peak RSS is its own; the parent interleaves
 the workers' steps round by round (rotating the order), so that load on a shared machine hits
-every mode alike. Compare ratios from one run: absolute seconds move with the machine's load,
+every mode alike (all workers stay alive, so keep their total peak RSS, printed in the
+summary, below the machine's memory: the anchor takes 2.7 to 5.7 GB a mode).
+Compare ratios from one run: absolute seconds move with the machine's load,
 which is why the current fp32 matmul rate is measured and printed too. Besides the ratio of
 medians (wall and CPU seconds), ``step_time_paired_ratio`` is the median over rounds of each
 round's ratio: steps of one round run seconds apart, so slow changes of load cancel out.
@@ -191,6 +193,16 @@ def _device(model: nn.Module) -> torch.device:
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def machine_memory_mb() -> float | None:
+    """MemTotal of /proc/meminfo (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal:"))
+    except (OSError, StopIteration):
+        return None
+    return round(kib / 1024, 1)
 
 
 def matmul_gflops(threads: int, n: int = 2048, repeats: int = 3) -> float:
@@ -400,6 +412,9 @@ def main() -> None:
         f"peak_rss_ratio_to_{base['mode']}": {
             r["mode"]: round(r["peak_rss_mb"] / base["peak_rss_mb"], 3) for r in results
         },
+        # every worker stays alive until the end: near the machine's memory, timings suffer
+        "workers_peak_rss_total_mb": round(sum(r["peak_rss_mb"] for r in results), 1),
+        "machine_memory_mb": machine_memory_mb(),
     }
     if peak_before is not None:
         peak_after = matmul_gflops(args.threads)
