@@ -205,10 +205,12 @@ def machine_memory_mb() -> float | None:
     return round(kib / 1024, 1)
 
 
-def matmul_gflops(threads: int, n: int = 2048, repeats: int = 3) -> float:
-    """The fp32 matmul rate this machine gives right now (load from others lowers it)."""
+def matmul_gflops(
+    threads: int, n: int = 2048, repeats: int = 3, dtype: torch.dtype = torch.float32
+) -> float:
+    """The matmul rate this machine gives right now (load from others lowers it)."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     start = time.perf_counter()
     for _ in range(repeats):
@@ -419,6 +421,10 @@ def main() -> None:
     if peak_before is not None:
         peak_after = matmul_gflops(args.threads)
         summary["matmul_fp32_gflop_per_s_now"] = [peak_before, peak_after]
+        if args.amp == "bf16":
+            summary["matmul_bf16_gflop_per_s_now"] = matmul_gflops(
+                args.threads, dtype=torch.bfloat16
+            )
         summary["fraction_of_matmul_rate"] = {
             r["mode"]: round(r["gflop_per_s"] / max(peak_before, peak_after), 3) for r in results
         }

@@ -174,6 +174,17 @@ def test_backbone_encode_keeping_the_last_positions_equals_slicing_the_whole_out
     torch.testing.assert_close(b.encode(inputs, mask), whole)
 
 
+def test_keeping_the_last_positions_under_torch_compile_runs_the_whole_final_layer():
+    """Dynamo cannot trace the swap of the layer's forward; compiled, encode keeps the last
+    positions of the full output (backend "eager": Dynamo's tracing without code generation)."""
+    b = load_backbone("minilm")
+    inputs = torch.randn(2, 10, b.llm_dim, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    compiled = torch.compile(lambda x, m: b.encode(x, m, keep_last=4), backend="eager")
+    torch.testing.assert_close(compiled(inputs, mask), b.encode(inputs, mask)[:, -4:])
+    assert "forward" not in vars(b.last_layer)
+
+
 def test_final_layer_for_patches_only_matches_the_full_model_in_outputs_and_gradients():
     x, y = mixed_batch(), torch.randn(3, PRED, 2)
     cfgs = [small_cfg(backbone="minilm", last_layer_patches_only=v) for v in (True, False)]

@@ -81,6 +81,12 @@ class Backbone:
         it), and the model must take positions and a cache."""
         return self.is_causal and self.takes_position_ids and self.takes_past_key_values
 
+    def _can_keep_last(self) -> bool:
+        """Whether the final layer can run for the last positions alone: a known layer, and
+        not while torch.compile traces (it would record the swap of the layer's forward as
+        a side effect; the compiled graph runs the whole final layer instead, also exact)."""
+        return self.last_layer is not None and not torch.compiler.is_compiling()
+
     def encode(
         self,
         inputs_embeds: Tensor,
@@ -106,7 +112,7 @@ class Backbone:
         the result is then [B, K, llm_dim], elsewhere too (the last K positions of the
         whole output).
         """
-        if keep_last is not None and shared_prefix is None and self.last_layer is not None:
+        if keep_last is not None and shared_prefix is None and self._can_keep_last():
             with _last_layer_keeps(self.last_layer, keep_last):
                 return self._run(inputs_embeds, attention_mask)
         if shared_prefix is None:
