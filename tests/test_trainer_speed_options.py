@@ -86,3 +86,26 @@ def test_compiled_run_matches_an_eager_one(tmp_path):
         for key, weight in eager[f]["model"].items():
             assert torch.allclose(compiled[f]["model"][key], weight, rtol=1e-4, atol=1e-5), key
     assert list(compiled["final.pt"]["ema"]["shadow"]) == list(eager["final.pt"]["ema"]["shadow"])
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_the_fused_update_equals_the_plain_one_within_float_rounding(tmp_path, optimizer):
+    """train.fused_optimizer swaps the kernel, not the update: three steps of the same run
+    with and without it end at the same weights and moments."""
+    ends = {}
+    for fused in (True, False):
+        cfg = tiny_config(
+            tmp_path,
+            f"train.optimizer={optimizer}",
+            "train.weight_decay=0.01",
+            f"train.fused_optimizer={str(fused).lower()}",
+        )
+        run = tmp_path / f"{optimizer}-{fused}"
+        train(cfg, run_dir=run, max_steps=3, progress=False)
+        assert _fused(run, 3) is fused
+        ends[fused] = load_checkpoint(run / "checkpoints" / step_name(3))
+    for key, weight in ends[False]["model"].items():
+        torch.testing.assert_close(ends[True]["model"][key], weight, rtol=1e-5, atol=1e-6)
+    for index, state in ends[False]["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(ends[True]["optimizer"]["state"][index][name], state[name])
