@@ -5,33 +5,18 @@ from __future__ import annotations
 
 import json
 
-import nbformat
 import pandas as pd
-import papermill
 import pytest
 import yaml
+from notebook_helpers import execute_notebook
 
 from timellm_lib import ablation
-from timellm_lib.notebook_params import check, parse_parameters_cell
 
 
-def execute(repo_root, tmp_path, number, name, **changes):
-    """Run notebooks/<name> with configs/notebooks/<number>_smoke.yaml plus ``changes``;
-    returns the executed notebook's outputs."""
-    notebook = repo_root / "notebooks" / name
-    params = yaml.safe_load((repo_root / f"configs/notebooks/{number}_smoke.yaml").read_text())
-    params |= changes
-    check(params, parse_parameters_cell(notebook), name, repo_root)
-    out = tmp_path / name
-    papermill.execute_notebook(
-        str(notebook),
-        str(out),
-        parameters=params,
-        kernel_name="python3",
-        cwd=str(repo_root),
-        progress_bar=False,
-    )
-    return [o for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", [])]
+def execute(repo_root, tmp_path, number, **changes):
+    """Run notebook ``number`` with its smoke parameters plus ``changes``; its outputs."""
+    executed = execute_notebook(repo_root, tmp_path, number, **changes)
+    return [o for c in executed.cells for o in c.get("outputs", [])]
 
 
 def mime_types(outputs):
@@ -40,7 +25,7 @@ def mime_types(outputs):
 
 @pytest.mark.slow
 def test_shape_trace_notebook_writes_the_shape_and_parameter_tables(repo_root, tmp_path):
-    outputs = execute(repo_root, tmp_path, "04", "04_shape_trace.ipynb", out_dir=str(tmp_path))
+    outputs = execute(repo_root, tmp_path, "04", out_dir=str(tmp_path))
     shapes = pd.read_csv(tmp_path / "shapes.csv")
     stages = shapes["stage"].tolist()
     assert stages[0] == "Input" and stages[-1] == "Output"
@@ -68,7 +53,7 @@ def test_shape_trace_notebook_writes_the_shape_and_parameter_tables(repo_root, t
 @pytest.mark.slow
 def test_ablation_notebook_trains_every_variant_and_writes_its_tables(repo_root, tmp_path):
     root = tmp_path / "study"
-    outputs = execute(repo_root, tmp_path, "05", "05_ablations.ipynb", output_root=str(root))
+    outputs = execute(repo_root, tmp_path, "05", output_root=str(root))
     smoke = yaml.safe_load((repo_root / "configs/notebooks/05_smoke.yaml").read_text())
     variants = smoke["variants"] or list(ablation.VARIANTS)
     studied = [p for p in ("n_scales", "top_k", "lambda_trend", "lambda_retrieval") if smoke[p]]
