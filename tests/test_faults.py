@@ -346,3 +346,18 @@ def test_a_flipped_bit_fails_the_checksum_and_resume_auto_walks_back(tmp_path):
     del older["checksum"]
     torch.save(older, tmp_path / "older.pt")
     assert digests(tmp_path / "older.pt") == digests(run_dir / "checkpoints/step_00000003.pt")
+
+
+def test_a_failed_write_outside_checkpoints_ends_the_call_with_the_fix_and_frees_the_run(
+    tmp_path,
+):
+    """An OSError from a write the trainer does not handle itself (here config.yaml, with a
+    directory in the way) becomes a TrainingError that says what to do, and the run
+    directory's lock is released for the next call."""
+    run = tmp_path / "run"
+    (run / "config.yaml").mkdir(parents=True)
+    with pytest.raises(TrainingError, match="free space or fix the permissions there"):
+        train(tiny_config(tmp_path), run_dir=run, max_steps=1, progress=False)
+    (run / "config.yaml").rmdir()
+    result = train(tiny_config(tmp_path), run_dir=run, resume="auto", max_steps=1, progress=False)
+    assert result.global_step == 1

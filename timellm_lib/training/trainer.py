@@ -239,8 +239,8 @@ def train(
     ``resume_counter`` overrides the EarlyStopping counter. ``model``/``datasets`` replace
     the ones the config would build (tests, notebooks); after a finished run ``model`` holds
     best.pt's weights (those the test split was evaluated with), and with train.compile it
-    stays compiled (in place). ``on_event`` receives every
-    metrics.jsonl record as it is written (a notebook draws its live loss plot from them).
+    stays compiled (in place). ``on_event`` receives every metrics.jsonl record as it is
+    written (a notebook draws its live loss plot from them).
 
     Under torchrun every process calls this with the same arguments (see the module
     docstring). The run directory is locked while training; SIGTERM/SIGINT end the run after
@@ -249,6 +249,111 @@ def train(
     _check_arguments(resume, max_steps, resume_new_lr, resume_reset_scheduler, resume_counter)
     device = _pick_device(cfg.train.device)
     amp_dtype = _amp_dtype(cfg.train.amp, device)
+    with _session(cfg, run_dir, device) as (cfg, run_dir, world, signals):
+        t = cfg.train
+
+        # -- 1. where to start: decided by rank 0 before anything is written -------------------
+        ckpt_path, changes, done = from_main(
+            world, partial(_find_start, run_dir, resume, cfg, max_steps, resume_counter)
+        )
+        if done:
+            log.info("%s", done.notes[0])
+            return done
+        ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
+
+        # -- 2. build everything ---------------------------------------------------------------
+        seed_everything(t.seed)
+        if datasets is None:
+            from timellm_lib.data import build_datasets
+
+            datasets = build_datasets(cfg.data)
+        if model is None:
+            from timellm_lib.models import build_model
+
+            model = build_model(cfg, datasets.n_in, datasets.n_out)
+        model.to(world.device)
+        if t.compile:
+            model.compile(dynamic=True)  # in place: state_dict keys stay those of the eager model
+        _check_split_sizes(cfg, datasets, world)
+        data = cfg.data
+        loader = ResumableLoader(
+            datasets.train, data.batch_size, t.seed, data.num_workers, world.rank, world.size
+        )
+        train_steps = len(loader) // t.grad_accum
+        total_steps = t.epochs * train_steps
+        optimizer = _build_optimizer(model, t)
+        run = _Run(
+            cfg=cfg,
+            run_dir=run_dir,
+            world=world,
+            amp_dtype=amp_dtype,
+            datasets=datasets,
+            model=model,
+            optimizer=optimizer,
+            scheduler=build_scheduler(optimizer, t, train_steps, total_steps),
+            scaler=torch.amp.GradScaler("cuda") if t.amp == "fp16" else None,
+            ema=EMA(model, t.ema_decay) if t.ema_decay > 0 else None,
+            stopper=EarlyStopping(t.patience, t.delta),
+            metrics=None,
+            train_steps=train_steps,
+            total_steps=total_steps,
+            signals=signals,
+            on_event=on_event,
+        )
+
+        # -- 3. fresh start or restore ---------------------------------------------------------
+        if ckpt is None:
+            if hasattr(model, "build_memory"):  # e.g. GRA-M: its buffers then live in checkpoints
+                model.build_memory(datasets.train, torch.Generator().manual_seed(t.seed))
+            if world.rank > 0:
+                seed_rank(t.seed, world.rank)  # its own dropout masks
+            on_main(world, partial(_open_fresh_log, run))
+        else:
+            _restore(
+                run,
+                ckpt_path,
+                ckpt,
+                changes,
+                base_lr=t.lr if resume_new_lr else None,
+                reset_scheduler=resume_reset_scheduler,
+                counter=resume_counter,
+            )
+        on_main(world, partial(write_text_atomic, run_dir / "config.yaml", cfg.to_yaml()))
+
+        # -- 4. the loop, then final.pt and the test split -------------------------------------
+        end_step = total_steps if max_steps is None else min(max_steps, total_steps)
+        run.forward_model = wrap_model(world, model)
+        with _torch_threads(t.threads):
+            _loop(run, loader, end_step, progress and world.is_main)
+            finished = run.global_step >= total_steps or run.stopper.should_stop
+            test = _finish(run) if finished else None
+        if run.metrics:
+            run.metrics.close()
+        stopped_early = finished and run.global_step < total_steps
+        if finished:
+            status = "stopped early" if stopped_early else "finished"
+        else:
+            status = "interrupted" if run.interrupted else "paused"
+        return TrainResult(
+            run_dir=run_dir,
+            global_step=run.global_step,
+            epoch=run.global_step // train_steps,
+            finished=finished,
+            stopped_early=stopped_early,
+            best_score=run.stopper.best_score,
+            test=test,
+            status=status,
+            resumed_from=str(ckpt_path) if ckpt_path else None,
+        )
+
+
+@contextmanager
+def _session(
+    cfg: Config, run_dir: str | Path | None, device: torch.device
+) -> Iterator[tuple[Config, Path, World, StopSignals]]:
+    """What one :func:`train` call runs inside: the process group, the resolved run directory
+    and its lock, the stop-signal handlers. A failed write other than a checkpoint save (those
+    are handled where they happen) ends the call as a TrainingError that says what to do."""
     with ExitStack() as stack:
         world = stack.enter_context(distributed_session(device))
         cfg, run_dir = from_main(world, partial(_resolve_run_dir, cfg, run_dir))
@@ -257,141 +362,12 @@ def train(
             stack.callback(lock.release)
         signals = stack.enter_context(StopSignals())
         try:
-            return _train(
-                cfg,
-                run_dir,
-                world,
-                signals,
-                amp_dtype,
-                resume=resume,
-                max_steps=max_steps,
-                resume_new_lr=resume_new_lr,
-                resume_reset_scheduler=resume_reset_scheduler,
-                resume_counter=resume_counter,
-                progress=progress,
-                model=model,
-                datasets=datasets,
-                on_event=on_event,
-            )
-        except OSError as err:  # a write other than a checkpoint save (those are handled)
+            yield cfg, run_dir, world, signals
+        except OSError as err:
             raise TrainingError(
                 f"{describe_write_error(err)}; free space or fix the permissions there, then "
                 "continue with --resume auto"
             ) from err
-
-
-def _train(
-    cfg: Config,
-    run_dir: Path,
-    world: World,
-    signals: StopSignals,
-    amp_dtype: torch.dtype | None,
-    *,
-    resume: str | None,
-    max_steps: int | None,
-    resume_new_lr: bool,
-    resume_reset_scheduler: bool,
-    resume_counter: int | None,
-    progress: bool,
-    model: nn.Module | None,
-    datasets: Any,
-    on_event: Callable[[dict[str, Any]], None] | None,
-) -> TrainResult:
-    """The body of :func:`train`, inside its process group, lock and signal handlers."""
-    t = cfg.train
-
-    # -- 1. where to start: decided by rank 0 before anything is written ----------------------
-    ckpt_path, changes, done = from_main(
-        world, partial(_find_start, run_dir, resume, cfg, max_steps, resume_counter)
-    )
-    if done:
-        log.info("%s", done.notes[0])
-        return done
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
-
-    # -- 2. build everything ------------------------------------------------------------------
-    seed_everything(t.seed)
-    if datasets is None:
-        from timellm_lib.data import build_datasets
-
-        datasets = build_datasets(cfg.data)
-    if model is None:
-        from timellm_lib.models import build_model
-
-        model = build_model(cfg, datasets.n_in, datasets.n_out)
-    model.to(world.device)
-    if t.compile:
-        model.compile(dynamic=True)  # in place: state_dict keys stay those of the eager model
-    _check_split_sizes(cfg, datasets, world)
-    loader = ResumableLoader(
-        datasets.train, cfg.data.batch_size, t.seed, cfg.data.num_workers, world.rank, world.size
-    )
-    train_steps = len(loader) // t.grad_accum
-    total_steps = t.epochs * train_steps
-    optimizer = _build_optimizer(model, t)
-    run = _Run(
-        cfg=cfg,
-        run_dir=run_dir,
-        world=world,
-        amp_dtype=amp_dtype,
-        datasets=datasets,
-        model=model,
-        optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, t, train_steps, total_steps),
-        scaler=torch.amp.GradScaler("cuda") if t.amp == "fp16" else None,
-        ema=EMA(model, t.ema_decay) if t.ema_decay > 0 else None,
-        stopper=EarlyStopping(t.patience, t.delta),
-        metrics=None,
-        train_steps=train_steps,
-        total_steps=total_steps,
-        signals=signals,
-        on_event=on_event,
-    )
-
-    # -- 3. fresh start or restore ------------------------------------------------------------
-    if ckpt is None:
-        if hasattr(model, "build_memory"):  # e.g. GRA-M: its buffers then live in checkpoints
-            model.build_memory(datasets.train, torch.Generator().manual_seed(t.seed))
-        if world.rank > 0:
-            seed_rank(t.seed, world.rank)  # its own dropout masks
-        on_main(world, partial(_open_fresh_log, run))
-    else:
-        _restore(
-            run,
-            ckpt_path,
-            ckpt,
-            changes,
-            base_lr=t.lr if resume_new_lr else None,
-            reset_scheduler=resume_reset_scheduler,
-            counter=resume_counter,
-        )
-    on_main(world, partial(write_text_atomic, run_dir / "config.yaml", cfg.to_yaml()))
-
-    # -- 4. the loop, then final.pt and the test split ------------------------------------------
-    end_step = total_steps if max_steps is None else min(max_steps, total_steps)
-    run.forward_model = wrap_model(world, model)
-    with _torch_threads(t.threads):
-        _loop(run, loader, end_step, progress and world.is_main)
-        finished = run.global_step >= total_steps or run.stopper.should_stop
-        test = _finish(run) if finished else None
-    if run.metrics:
-        run.metrics.close()
-    stopped_early = finished and run.global_step < total_steps
-    if finished:
-        status = "stopped early" if stopped_early else "finished"
-    else:
-        status = "interrupted" if run.interrupted else "paused"
-    return TrainResult(
-        run_dir=run_dir,
-        global_step=run.global_step,
-        epoch=run.global_step // train_steps,
-        finished=finished,
-        stopped_early=stopped_early,
-        best_score=run.stopper.best_score,
-        test=test,
-        status=status,
-        resumed_from=str(ckpt_path) if ckpt_path else None,
-    )
 
 
 def _find_start(
