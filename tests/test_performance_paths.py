@@ -7,6 +7,7 @@ attention maps or hidden states requested from the language model.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -227,6 +228,31 @@ def test_the_llm_runs_sdpa_and_returns_no_attention_maps_or_hidden_states(backbo
         handle.remove()
     assert len(calls) >= model.backbone.n_layers
     assert outputs and all(o.attentions is None and o.hidden_states is None for o in outputs)
+
+
+@pytest.mark.parametrize("backbone", ["tiny-random-gpt2", "minilm"])
+def test_sdpa_gives_the_eager_attention_s_result(backbone):
+    """The published code's eager attention (every map returned) and the SDPA path the
+    workbench uses compute the same hidden states."""
+    b = load_backbone(backbone)
+    eager = copy.deepcopy(b.model)  # the shared backbone keeps its SDPA
+    eager.set_attn_implementation("eager")
+    g = torch.Generator().manual_seed(2)
+    inputs = torch.randn(3, 11, b.llm_dim, generator=g)
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, :3] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as encode derives them from the mask
+    with torch.no_grad():
+        fast = b.encode(inputs, mask)
+        published = eager(
+            inputs_embeds=inputs,
+            attention_mask=mask,
+            position_ids=positions,
+            output_attentions=True,
+        )
+    assert len(published.attentions) == b.n_layers
+    real = mask.bool()
+    torch.testing.assert_close(fast[real], published.last_hidden_state[real], rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ prototypes
