@@ -35,7 +35,7 @@ from published_code import build_published_step
 from step_time import ANCHOR, N_CHANNELS
 
 from timellm_lib.backbones import load_backbone
-from timellm_lib.config import load_config
+from timellm_lib.config import Config, load_config
 from timellm_lib.training import train
 from timellm_lib.training.checkpoint import load_checkpoint
 
@@ -71,12 +71,10 @@ def backbone_bytes_in(payload: dict, frozen: list[torch.Tensor]) -> int:
     )
 
 
-def published_state_dict_bytes(
-    src: str, work: Path, batch: int, seq_len: int, pred_len: int
-) -> int:
+def published_state_dict_bytes(src: str, cfg: Config, work: Path) -> int:
     """Bytes of the file the published code's checkpointing writes:
     ``torch.save(model.state_dict(), path)``."""
-    model, _ = build_published_step(src, batch, seq_len, pred_len, N_CHANNELS)
+    model, _ = build_published_step(src, cfg, N_CHANNELS)
     path = work / "published_checkpoint.pth"
     torch.save(model.state_dict(), path)
     return path.stat().st_size
@@ -118,9 +116,7 @@ def main() -> None:
     frozen = list(load_backbone(cfg.model.backbone).model.state_dict().values())
     best_bytes, step_bytes = best_path.stat().st_size, step_path.stat().st_size
     if args.published_src:
-        published = published_state_dict_bytes(
-            args.published_src, work, cfg.data.batch_size, cfg.data.seq_len, cfg.data.pred_len
-        )
+        published = published_state_dict_bytes(args.published_src, cfg, work)
     else:
         published = CITED_PUBLISHED_STATE_DICT_BYTES
     print(

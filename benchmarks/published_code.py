@@ -28,35 +28,39 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
-from timellm_lib.backbones import minilm_dir
+from timellm_lib.backbones import load_backbone, minilm_dir
+from timellm_lib.config import Config
 
-MODE = "published-code"
 HUB_NAME = "google-bert/bert-base-uncased"
 
 
 def build_published_step(
-    src: str | Path, batch: int, seq_len: int, pred_len: int, n_channels: int
+    src: str | Path, cfg: Config, n_channels: int
 ) -> tuple[nn.Module, Callable[[], float]]:
-    """The published model of the checkout ``src`` in train mode, and one training step of
-    it (forward, MSE, backward, plain Adam) on a fixed random batch."""
+    """The published model of the checkout ``src``, built with the sizes of ``cfg`` (the
+    workbench's anchor config, MiniLM backbone) in train mode, and one training step of it
+    (forward, MSE, backward, plain Adam) on a fixed random batch."""
     model_cls = _import_model_class(Path(src))
-    configs = SimpleNamespace(
+    m, d = cfg.model, cfg.data
+    minilm = load_backbone("minilm", m.llm_layers)
+    configs = SimpleNamespace(  # the argparse namespace of the published run_main.py
         task_name="long_term_forecast",
-        pred_len=pred_len,
-        seq_len=seq_len,
-        d_ff=128,
-        llm_dim=384,
-        patch_len=16,
-        stride=8,
+        pred_len=d.pred_len,
+        seq_len=d.seq_len,
+        d_ff=m.d_ff,
+        llm_dim=minilm.llm_dim,
+        patch_len=m.patch_len,
+        stride=m.stride,
         llm_model="BERT",
-        llm_layers=6,
-        prompt_domain=False,
+        llm_layers=minilm.n_layers,
+        prompt_domain=False,  # its built-in ETT description
         content="",
-        dropout=0.1,
-        d_model=32,
-        n_heads=8,
+        dropout=m.dropout,
+        d_model=m.d_model,
+        n_heads=m.n_heads,
         enc_in=n_channels,
     )
+    batch, seq_len, pred_len = d.batch_size, d.seq_len, d.pred_len
     torch.manual_seed(0)
     with _hub_name_is_minilm():
         model = model_cls(configs)

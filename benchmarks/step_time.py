@@ -132,9 +132,7 @@ def build_step(
     always plain Adam in fp32 without compilation."""
     cfg = anchor_config(mode, batch, extra)
     if MODES[mode].published_code:
-        return build_published_step(
-            published_src, batch, cfg.data.seq_len, cfg.data.pred_len, N_CHANNELS
-        )
+        return build_published_step(published_src, cfg, N_CHANNELS)
     torch.manual_seed(0)
     model = build_model(cfg, N_CHANNELS, N_CHANNELS)
     if MODES[mode].reference:
