@@ -14,7 +14,8 @@ Modes (``--modes``, comma-separated):
   dropout left active inside the frozen LM, exactly as the published code computes them.
 - ``reference``: ``published`` plus what the published code asks of the language model
   (eager attention, every attention map and hidden state returned) and its optimizer (the
-  plain per-parameter Adam): our model with those known costs switched back on.
+  plain per-parameter Adam), and the final LM layer run for every position: our model with
+  those known costs switched back on.
 - ``published-code``: the published model class itself, from a checkout of
   https://github.com/KimMeen/Time-LLM named by ``--published-src`` (see
   ``benchmarks/published_code.py``); the yardstick when such a checkout is at hand.
@@ -28,6 +29,8 @@ Each mode runs in its own worker process, so its peak RSS is its own; the parent
 the workers' steps round by round (rotating the order), so that load on a shared machine hits
 every mode alike (all workers stay alive, so keep their total peak RSS, printed in the
 summary, below the machine's memory: the anchor takes 2.7 to 5.7 GB a mode).
+The published code's step was seen to slow down with more workers alive, so its ratios are
+best taken two modes at a time (``--modes X,published-code``).
 Compare ratios from one run: absolute seconds move with the machine's load,
 which is why the current fp32 matmul rate is measured and printed too. Besides the ratio of
 medians (wall and CPU seconds), ``step_time_paired_ratio`` is the median over rounds of each
