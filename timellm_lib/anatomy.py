@@ -5,8 +5,9 @@ serialized size of each section. This module adds the views a reader needs to *u
 a file, all computed from real files so they stay true when the layout changes:
 
 - :func:`field_table`: every top-level field with its value, size and whether inference or
-  a resume needs it (inference needs the weights, the config and the backbone's name; a
-  resume needs everything that moves during training as well).
+  a resume needs it (inference needs the weights, the config, the backbone's name and the
+  data's scaler and channel names; a resume needs everything that moves during training as
+  well).
 - :func:`tensor_table`: the tensors of the ``model`` section and their role (trainable
   parameter, buffer, GRA-M memory buffer).
 - :func:`backbone_report`: the frozen language model is not in the file; its size next to
@@ -71,9 +72,9 @@ FIELD_PURPOSE = {
     "file whose content changed (a flipped bit loads silently otherwise)",
 }
 # What loading a model for forecasting reads: weights, the config that builds the model
-# around them, the backbone's name (its fingerprint checks it is the same model), and the
-# checksum every full load verifies.
-INFERENCE_FIELDS = ("format_version", "model", "config", "backbone", CHECKSUM_KEY)
+# around them, the backbone's name (its fingerprint checks it is the same model), the data's
+# scaler and channel names, and the checksum every full load verifies.
+INFERENCE_FIELDS = ("format_version", "model", "config", "backbone", "data", CHECKSUM_KEY)
 # What a resume reads besides RESUME_SECTIONS: the config (compared with the current one),
 # the backbone (checked), the epoch length (checked), the log length (to rewind it) and the
 # checksum.

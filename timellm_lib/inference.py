@@ -1,13 +1,17 @@
 """From a checkpoint file to scores and forecasts: ``timellm eval`` and ``timellm predict``.
 
-Inference needs only what a checkpoint holds for it, the trained weights and the resolved
-config, plus two things rebuilt from that config:
+Inference needs only what a checkpoint holds for it: the trained weights, the resolved
+config, the data's scaler and channel names (section ``data``, fitted on the training split),
+and the frozen backbone, loaded by name (it is never stored; the checkpoint keeps its
+fingerprint, which must match, so the weights are never paired with another model).
+Forecasts are therefore always given in the data's original units.
 
-- the frozen backbone, loaded by name (it is never stored; the checkpoint keeps its
-  fingerprint, which must match, so the weights are never paired with another model);
-- the data's scaler and channel names, recomputed from the training split of the configured
-  series (``data.path``), exactly as training computed them. Forecasts are therefore always
-  given in the data's original units.
+Forecasting a user CSV (``timellm predict --input``) needs nothing else, so a checkpoint
+copied to another machine predicts without the training data. Scoring a split (``timellm
+eval``), forecasting the test split and :func:`forecast_example` read the splits of the
+configured series (``data.path``); they are built on first use, exactly as training built
+them. Checkpoints written before the ``data`` section existed rebuild the scaler and channel
+names from ``data.path`` as well.
 
 The model is built from the config and the weights are loaded strictly by name, so a
 checkpoint that does not fit (another ``model.name``, other sizes) fails with the list of
@@ -21,7 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +36,7 @@ from torch import nn
 
 from timellm_lib.backbones import BackboneError
 from timellm_lib.config import Config, load_config
-from timellm_lib.data import Datasets, build_datasets, read_series
+from timellm_lib.data import Datasets, Scaler, build_datasets, read_series
 from timellm_lib.data.windows import DataError
 from timellm_lib.errors import WorkbenchError
 from timellm_lib.evaluation import evaluate_report, forecasts, predict
@@ -58,13 +62,16 @@ class Loaded:
 
     model: nn.Module  # in eval mode, on ``device``
     cfg: Config  # the checkpoint's config (plus any overrides given when loading)
-    datasets: Datasets  # the configured splits; their scaler maps to original units
+    scaler: Scaler  # the training split's statistics: scaled values <-> original units
+    columns_in: list[str]  # the model's input channels, in input order
+    columns_out: list[str]  # its forecast channels, in output order
     path: Path  # the checkpoint file
     kind: str  # step | best | final
     global_step: int
     weights: str  # "model" or "ema": which stored weights were loaded
     device: torch.device
     amp_dtype: torch.dtype | None  # the training precision, where this device supports it
+    _datasets: Datasets | None = field(default=None, repr=False)  # built by ``datasets``
 
     @property
     def run_dir(self) -> Path:
@@ -75,7 +82,25 @@ class Loaded:
     @property
     def channels(self) -> list[str]:
         """Names of the forecast channels, in model output order."""
-        return self.datasets.columns_out
+        return self.columns_out
+
+    @property
+    def datasets(self) -> Datasets:
+        """The configured splits, built from ``data.path`` on first use: only scoring and
+        forecasting a split read the data file."""
+        if self._datasets is None:
+            why = "to score or forecast its splits (predict --input with a CSV of yours does not)"
+            datasets = _training_data(self.cfg, self.path, why)
+            found = (datasets.columns_in, datasets.columns_out)
+            if found != (self.columns_in, self.columns_out):
+                raise DataError(
+                    f"checkpoint {self.path} was trained on input channels {self.columns_in} "
+                    f"and output channels {self.columns_out}, but data.path = "
+                    f"{self.cfg.data.path} gives {found[0]} and {found[1]}; point data.path "
+                    "at the series the run was trained on"
+                )
+            self._datasets = datasets
+        return self._datasets
 
 
 def load_for_inference(
@@ -90,8 +115,12 @@ def load_for_inference(
     path, chosen = Path(path), _device(device)
     payload = load_checkpoint(path)
     cfg = load_config(extra=payload["config"], overrides=overrides)
-    datasets = _training_data(cfg, path)
-    model = _build(cfg, datasets, path, payload.get("backbone") or {})
+    data, datasets = payload.get("data"), None
+    if data is None:  # written before checkpoints stored the scaler and channel names
+        datasets = _training_data(cfg, path, "to rebuild its scaler and channel names")
+        data = datasets.inference_state()
+    columns_in, columns_out = data["columns_in"], data["columns_out"]
+    model = _build(cfg, len(columns_in), len(columns_out), path, payload.get("backbone") or {})
     state, weights = payload["model"], "model"
     if payload.get("kind") != "best" and cfg.train.eval_with_ema and payload.get("ema"):
         state, weights = {**state, **payload["ema"]["shadow"]}, "ema"
@@ -100,33 +129,36 @@ def load_for_inference(
     return Loaded(
         model=model,
         cfg=cfg,
-        datasets=datasets,
+        scaler=Scaler.from_state_dict(data["scaler"]),
+        columns_in=columns_in,
+        columns_out=columns_out,
         path=path,
         kind=payload.get("kind", "step"),
         global_step=int(payload["global_step"]),
         weights=weights,
         device=chosen,
         amp_dtype=_amp_dtype(cfg.train.amp, chosen),
+        _datasets=datasets,
     )
 
 
-def _training_data(cfg: Config, path: Path) -> Datasets:
+def _training_data(cfg: Config, path: Path, why: str) -> Datasets:
     try:
         return build_datasets(cfg.data)
     except DataError as err:
         raise DataError(
-            f"checkpoint {path} needs its training data to rebuild the scaler and channel names "
-            f"(data.source = {cfg.data.source}, data.path = {cfg.data.path}, relative to the "
-            f"working directory): {err}"
+            f"checkpoint {path} needs its training data {why}: data.source = "
+            f"{cfg.data.source}, data.path = {cfg.data.path} (relative to the working "
+            f"directory); put that file there or run from where it is found. {err}"
         ) from None
 
 
-def _build(cfg: Config, datasets: Datasets, path: Path, saved: dict[str, Any]) -> nn.Module:
+def _build(cfg: Config, n_in: int, n_out: int, path: Path, saved: dict[str, Any]) -> nn.Module:
     """The model of the config, its random initial weights drawn without touching the
     caller's random state (they are overwritten by the checkpoint's anyway)."""
     try:
         with torch.random.fork_rng(devices=[]):
-            model = build_model(cfg, datasets.n_in, datasets.n_out)
+            model = build_model(cfg, n_in, n_out)
     except BackboneError as err:
         raise BackboneError(
             f"checkpoint {path} was trained on the frozen backbone {cfg.model.backbone!r} "
@@ -343,8 +375,7 @@ def forecast_example(loaded: Loaded, split: str = "test", index: int = 0) -> dic
     x, y = dataset[index]
     channels, scaler = loaded.channels, loaded.datasets.scaler
     pred = predict(loaded.model, x.unsqueeze(0), loaded.device, loaded.amp_dtype)
-    columns_in = loaded.datasets.columns_in
-    history = x[:, [columns_in.index(c) for c in channels]].numpy()
+    history = x[:, [loaded.columns_in.index(c) for c in channels]].numpy()
     past, future = dataset.dates(index)
     return {
         "history": scaler.inverse_transform(history, channels),
@@ -370,7 +401,7 @@ def predict_csv(loaded: Loaded, csv_path: str | Path) -> Predictions:
     if not csv_path.is_file():
         raise InferenceError(f"input CSV {csv_path} does not exist; pass --input an existing file")
     frame = read_series(dataclasses.replace(cfg, source="csv", path=str(csv_path)))
-    expected = loaded.datasets.scaler.columns
+    expected = loaded.scaler.columns
     present = [c for c in frame.columns if c != cfg.date_column]
     missing = [c for c in expected if c not in present]
     extra = [c for c in present if c not in expected]
@@ -386,7 +417,7 @@ def predict_csv(loaded: Loaded, csv_path: str | Path) -> Predictions:
             f"= {cfg.seq_len} rows; pass a longer history"
         )
     history = frame.iloc[-cfg.seq_len :]
-    columns_in, scaler = loaded.datasets.columns_in, loaded.datasets.scaler
+    columns_in, scaler = loaded.columns_in, loaded.scaler
     x = scaler.transform(history[columns_in].to_numpy(), columns_in)
     x = torch.as_tensor(x, dtype=torch.float32).unsqueeze(0)
     pred = predict(loaded.model, x, loaded.device, loaded.amp_dtype)

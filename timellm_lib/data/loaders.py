@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -64,6 +65,16 @@ class Datasets:
         if name not in ("train", "val", "test"):
             raise ValueError(f"unknown split {name!r}; choose train, val or test")
         return getattr(self, name)
+
+    def inference_state(self) -> dict[str, Any]:
+        """What reading the model's inputs and outputs needs besides the weights: the scaler
+        and the channel names. Checkpoints store it, so a model forecasts a new file without
+        the training data; plain lists survive ``torch.load(weights_only=True)``."""
+        return {
+            "scaler": self.scaler.state_dict(),
+            "columns_in": list(self.columns_in),
+            "columns_out": list(self.columns_out),
+        }
 
 
 def build_datasets(cfg: DataConfig) -> Datasets:

@@ -61,6 +61,8 @@ SECTION_PURPOSE = {
     "sampler": "data order: seed, epoch and batches already consumed in that epoch",
     "config": "the resolved run configuration, compared with the current one on resume",
     "backbone": "name and fingerprint of the frozen language model the weights belong to",
+    "data": "the training split's scaler (mean and std per column) and the model's input and "
+    "output channel names, so forecasting a CSV needs no training data",
 }
 # Everything a resume restores; resume_digest hashes exactly these.
 RESUME_SECTIONS = (

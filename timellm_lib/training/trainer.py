@@ -465,6 +465,7 @@ def checkpoint_payload(
         },
         "config": run.cfg.to_dict(),
         "backbone": _backbone(run.cfg, run.model),
+        "data": run.datasets.inference_state(),  # scaler and channels: predict needs no data
         "metrics_lines": run.metrics.lines,
         "lr": run.lr,
     }
@@ -487,6 +488,7 @@ def best_payload(run: _Run) -> dict[str, Any]:
         "early_stopping": run.stopper.state_dict(),
         "config": run.cfg.to_dict(),
         "backbone": _backbone(run.cfg, run.model),
+        "data": run.datasets.inference_state(),  # scaler and channels: predict needs no data
         "lr": run.lr,
         "resume_from": step_name(run.global_step),
     }
