@@ -162,9 +162,9 @@ def build_step(
     return model, step
 
 
-def llm_tokens(model: nn.Module, batch: int) -> dict[str, int]:
+def llm_tokens(mode: str, model: nn.Module, batch: int) -> dict[str, int]:
     """Language-model positions one step runs through the frozen LM (from a traced pass)."""
-    if hasattr(model, "llm_model"):  # the published model
+    if MODES[mode].published_code:
         rows, positions, _ = llm_input_shape(model, batch, model.seq_len, N_CHANNELS)
     else:
         rows, positions = _workbench_llm_input_shape(model, batch)
@@ -235,7 +235,7 @@ def worker(args: argparse.Namespace) -> None:
         args.adam,
         published_src=args.published_src,
     )
-    tokens = llm_tokens(model, args.batch)
+    tokens = llm_tokens(args.worker, model, args.batch)
     start = time.perf_counter()
     step()  # the first step pays for allocation (and compilation): not timed
     first_s = time.perf_counter() - start

@@ -186,6 +186,22 @@ def test_keeping_the_last_positions_under_torch_compile_runs_the_whole_final_lay
     assert "forward" not in vars(b.last_layer)
 
 
+def test_a_backbone_switched_to_eager_attention_runs_its_whole_final_layer(monkeypatch):
+    """The shortcut is SDPA's; after set_attn_implementation("eager") (as the benchmark's
+    published-cost reference does) encode runs the layer itself and slices the output."""
+    shared = load_backbone("minilm")
+    model = copy.deepcopy(shared.model)
+    b = dataclasses.replace(shared, model=model, last_layer=model.encoder.layer[-1])
+    model.set_attn_implementation("eager")
+    calls = []
+    monkeypatch.setattr("timellm_lib.backbones._last_rows_forward", lambda *a, **k: calls.append(1))
+    inputs = torch.randn(2, 9, b.llm_dim, generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    kept = b.encode(inputs, mask, keep_last=4)
+    assert calls == [] and kept.shape == (2, 4, b.llm_dim)
+    torch.testing.assert_close(kept, b.encode(inputs, mask)[:, -4:])
+
+
 def test_final_layer_for_patches_only_matches_the_full_model_in_outputs_and_gradients():
     x, y = mixed_batch(), torch.randn(3, PRED, 2)
     cfgs = [small_cfg(backbone="minilm", last_layer_patches_only=v) for v in (True, False)]

@@ -82,10 +82,18 @@ class Backbone:
         return self.is_causal and self.takes_position_ids and self.takes_past_key_values
 
     def _can_keep_last(self) -> bool:
-        """Whether the final layer can run for the last positions alone: a known layer, and
-        not while torch.compile traces (it would record the swap of the layer's forward as
-        a side effect; the compiled graph runs the whole final layer instead, also exact)."""
-        return self.last_layer is not None and not torch.compiler.is_compiling()
+        """Whether the final layer can run for the last positions alone: a known layer whose
+        model still runs SDPA without returning attention maps (someone may have switched
+        it since loading), and not while torch.compile traces (it would record the swap of
+        the layer's forward as a side effect; the compiled graph runs the whole final layer
+        instead, also exact)."""
+        config = self.model.config
+        return (
+            self.last_layer is not None
+            and config._attn_implementation == "sdpa"
+            and not config.output_attentions
+            and not torch.compiler.is_compiling()
+        )
 
     def encode(
         self,
@@ -195,10 +203,10 @@ def _last_rows_forward(
 
 
 def _bert_last_layer(model: nn.Module) -> nn.Module | None:
-    """The final layer of a BERT encoder with SDPA attention (the shape
-    :func:`_last_rows_forward` knows), else None."""
+    """The final layer of a BERT encoder (the shape :func:`_last_rows_forward` knows), else
+    None; :meth:`Backbone._can_keep_last` checks at each call that it runs SDPA."""
     config = model.config
-    if config.model_type != "bert" or config._attn_implementation != "sdpa":
+    if config.model_type != "bert":
         return None
     if config.is_decoder or config.add_cross_attention:
         return None
