@@ -247,6 +247,8 @@ def worker(args: argparse.Namespace) -> None:
             "first_step_s": round(first_s, 3),
             "gflop_per_step": round(counter.get_total_flops() / 1e9, 1),
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            # which exact speed switches ran, and why not (the published model has none)
+            "speed_paths": model.speed_paths() if hasattr(model, "speed_paths") else {},
             **tokens,
         }
     )
@@ -350,6 +352,7 @@ def summarise(worker: Worker, final: dict, args: argparse.Namespace) -> dict:
         "llm_positions": info["llm_positions"],
         "llm_tokens_per_step": info["llm_tokens_per_step"],
         "trainable_params": info["trainable_params"],
+        "speed_paths": info["speed_paths"],
         **final,
     }
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
 from model_helpers import TINY_MODEL
 
-from timellm_lib.backbones import load_backbone
+import timellm_lib.models.timellm as timellm_module
+from timellm_lib.backbones import Backbone, _find_prefix_cache, load_backbone
 from timellm_lib.config import Config, config_from_dict
 from timellm_lib.models.enhanced import EnhancedTimeLLM
 from timellm_lib.models.layers import RevIN, channel_rows
@@ -27,6 +29,7 @@ from timellm_lib.models.prompt import (
     prompt_tails,
 )
 from timellm_lib.models.timellm import TimeLLM
+from timellm_lib.tracing import format_trace, trace_model
 
 SEQ, PRED = 32, 8
 
@@ -152,6 +155,106 @@ def test_prefix_cache_stays_off_where_it_would_change_the_result():
     # a bidirectional backbone: every position sees the statistics and the patches
     minilm = seeded(small_cfg(backbone="minilm")).eval()
     assert not minilm.backbone.can_cache_prefix
+
+
+class _CacheUnder(torch.nn.Module):
+    """A real GPT-2 whose forward names its key/value cache ``argument`` (or takes none), as
+    transformers releases before and after 5.24 spell it; it hands the cache on under the
+    spelling of the installed release (``inner``)."""
+
+    def __init__(self, model: torch.nn.Module, argument: str | None, inner: str) -> None:
+        super().__init__()
+        self.model, self.config = model, model.config
+        self.argument, self.inner = argument, inner
+        self.train(model.training)  # the probe restores this mode on the shared model
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.get_input_embeddings()
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, use_cache=False, **cache):
+        assert set(cache) <= {self.argument}, f"unexpected argument {sorted(cache)}"
+        return self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            **{self.inner: cache.get(self.argument)},
+        )
+
+
+def _gpt2_with_cache_argument(argument: str | None) -> Backbone:
+    """The tiny GPT-2 wrapped to take its cache as ``argument``, probed as at load time."""
+    shared = load_backbone("tiny-random-gpt2")
+    backbone = dataclasses.replace(
+        shared,
+        name=f"gpt2-cache-as-{argument}",
+        model=_CacheUnder(shared.model, argument, inner=shared.cache_argument),
+        cache_argument=None,
+        unavailable={},
+    )
+    _find_prefix_cache(backbone, [a for a in ("cache", "past_key_values") if a == argument])
+    return backbone
+
+
+@pytest.mark.parametrize("argument", ["cache", "past_key_values"])
+def test_either_spelling_of_the_cache_argument_is_found_and_used(argument):
+    b = _gpt2_with_cache_argument(argument)
+    assert b.cache_argument == argument and b.can_cache_prefix and not b.unavailable
+    g = torch.Generator().manual_seed(1)
+    prefix, inputs = (
+        torch.randn(4, b.llm_dim, generator=g),
+        torch.randn(2, 5, b.llm_dim, generator=g),
+    )
+    mask = torch.ones(2, 5, dtype=torch.long)
+    cached = b.encode(inputs, mask, shared_prefix=prefix)
+    whole = b.encode(torch.cat([prefix.expand(2, -1, -1), inputs], 1), torch.ones(2, 9).long())
+    torch.testing.assert_close(cached, whole[:, 4:], rtol=1e-5, atol=1e-5)
+
+
+def test_the_installed_transformers_gives_the_prefix_cache_to_a_causal_backbone():
+    b = load_backbone("tiny-random-gpt2")
+    assert (
+        b.cache_argument in ("cache", "past_key_values")
+        and b.speed_path("model.prefix_cache") == "available"
+    ), b.unavailable
+
+
+def test_a_prefix_cache_the_backbone_cannot_give_is_reported_and_warned_about_once(
+    monkeypatch, caplog
+):
+    no_cache = _gpt2_with_cache_argument(None)
+    assert not no_cache.can_cache_prefix
+    assert "no key/value cache argument" in no_cache.unavailable["model.prefix_cache"]
+    monkeypatch.setattr(timellm_module, "load_backbone", lambda *_args: no_cache)
+
+    with caplog.at_level(logging.WARNING, logger="timellm_lib"):
+        first, second = seeded(small_cfg()), seeded(small_cfg())
+    warnings = [r for r in caplog.records if "model.prefix_cache" in r.getMessage()]
+    assert len(warnings) == 1 and "gpt2-cache-as-None" in warnings[0].getMessage()
+    assert first.speed_paths()["model.prefix_cache"].startswith("unavailable: no key/value")
+    x = mixed_batch()
+    assert llm_positions(second.eval(), x) == llm_positions(
+        seeded(small_cfg(prefix_cache=False)), x
+    )
+
+    rows = trace_model(first, x)
+    assert rows[-1]["speed_paths"]["model.prefix_cache"].startswith("unavailable")
+    assert "speed path model.prefix_cache: unavailable" in format_trace(rows)
+    # asked off: no warning, and the trace says why it is not used
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="timellm_lib"):
+        off = seeded(small_cfg(prefix_cache=False))
+    assert not caplog.records and off.speed_paths()["model.prefix_cache"] == "off (config)"
+
+
+def test_speed_paths_say_which_switch_acts_on_which_backbone():
+    gpt2, minilm = seeded(small_cfg()), seeded(small_cfg(backbone="minilm"))
+    assert gpt2.speed_paths() == {
+        "model.prefix_cache": "on",
+        "model.last_layer_patches_only": "not applicable: implemented for BERT-style encoders only",
+    }
+    assert minilm.speed_paths()["model.last_layer_patches_only"] == "on"
+    assert minilm.speed_paths()["model.prefix_cache"].startswith("not applicable: bidirectional")
 
 
 # ------------------------------------------------- final LLM layer for the patch positions

@@ -42,11 +42,17 @@ def test_etth1_protocol_trace_rows():
     assert shapes["LLM Input"] == shapes["LLM Output"] == [14, prompt + 64, llm_dim]
     assert shapes["LLM Features"] == [14, 64, 128]
     assert shapes["Output"] == [2, 96, 7]
-    assert all(set(row) == {"stage", "module", "shape", "note"} for row in rows)
+    assert all(set(row) == {"stage", "module", "shape", "note"} for row in rows[:-1])
+    # the output row also says which exact speed switches the run really uses
+    assert rows[-1]["speed_paths"] == {
+        "model.prefix_cache": "on",
+        "model.last_layer_patches_only": "not applicable: implemented for BERT-style encoders only",
+    }
 
     table = format_trace(rows)
     assert "Channel Independence" in table and "[14, 512, 1]" in table
-    assert len(table.splitlines()) == len(rows) + 2  # header and rule
+    assert "speed path model.prefix_cache: on" in table
+    assert len(table.splitlines()) == len(rows) + 2 + 2  # header, rule and two speed paths
 
 
 def test_ms_and_s_traces_follow_the_features():

@@ -28,7 +28,7 @@ import inspect
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +61,14 @@ class Backbone:
     fingerprint: str  # sha256 over name, config and weights; stored in checkpoints
     max_positions: int | None  # longest input the position embeddings allow (None: unknown)
     takes_position_ids: bool
-    takes_past_key_values: bool = False  # forward(past_key_values=...): a prefix can be cached
+    # the forward keyword that takes a key/value cache (transformers 5.24 renamed
+    # past_key_values to cache); None: no cache that reproduces the uncached result
+    cache_argument: str | None = None
     # the final layer of a BERT-style encoder, which encode(keep_last=...) can run for the
     # last positions only (None: the model is not of a kind known to allow it)
     last_layer: nn.Module | None = None
+    # speed paths that a model of this kind should give but this one does not: path -> why
+    unavailable: dict[str, str] = field(default_factory=dict)
 
     @property
     def word_embeddings(self) -> Tensor:
@@ -79,7 +83,20 @@ class Backbone:
         """Whether :meth:`encode` can run a prefix shared by every row once and reuse its
         key/value cache: the attention must be causal (the prefix never sees what follows
         it), and the model must take positions and a cache."""
-        return self.is_causal and self.takes_position_ids and self.takes_past_key_values
+        return self.is_causal and self.takes_position_ids and self.cache_argument is not None
+
+    def speed_path(self, path: str) -> str:
+        """Whether the config switch ``path`` (``model.prefix_cache`` or
+        ``model.last_layer_patches_only``) can act on this backbone: ``available``,
+        ``not applicable: why`` (the method rules it out) or ``unavailable: why`` (a model of
+        this kind should allow it, this one does not: a speed loss worth a warning)."""
+        if path in self.unavailable:
+            return f"unavailable: {self.unavailable[path]}"
+        if path == "model.prefix_cache" and not self.is_causal:
+            return "not applicable: bidirectional attention (a cached prefix would see less)"
+        if path == "model.last_layer_patches_only" and self.last_layer is None:
+            return "not applicable: implemented for BERT-style encoders only"
+        return "available"
 
     def _can_keep_last(self) -> bool:
         """Whether the final layer can run for the last positions alone: a known layer whose
@@ -151,7 +168,7 @@ class Backbone:
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             kwargs["position_ids"] = positions[:, -inputs_embeds.shape[1] :]
         if cache is not None:
-            kwargs.update(past_key_values=cache, use_cache=True)
+            kwargs.update({self.cache_argument: cache, "use_cache": True})
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
         return out.last_hidden_state
 
@@ -206,8 +223,6 @@ def _bert_last_layer(model: nn.Module) -> nn.Module | None:
     """The final layer of a BERT encoder (the shape :func:`_last_rows_forward` knows), else
     None; :meth:`Backbone._can_keep_last` checks at each call that it runs SDPA."""
     config = model.config
-    if config.model_type != "bert":
-        return None
     if config.is_decoder or config.add_cross_attention:
         return None
     return model.encoder.layer[-1]
@@ -238,7 +253,7 @@ def _load_cached(name: str, llm_layers: int, dropout: bool) -> Backbone:
     _prepare_tokenizer(tokenizer, name)
     config = model.config
     parameters = inspect.signature(model.forward).parameters
-    return Backbone(
+    backbone = Backbone(
         name=name,
         model=model,
         tokenizer=tokenizer,
@@ -248,8 +263,84 @@ def _load_cached(name: str, llm_layers: int, dropout: bool) -> Backbone:
         fingerprint=_fingerprint(name, model),
         max_positions=getattr(config, "max_position_embeddings", None),
         takes_position_ids="position_ids" in parameters,
-        takes_past_key_values="past_key_values" in parameters,
-        last_layer=_bert_last_layer(model),
+    )
+    if backbone.is_causal:
+        _find_prefix_cache(backbone, [a for a in _CACHE_ARGUMENTS if a in parameters])
+    if config.model_type == "bert":
+        _check_last_layer(backbone, _bert_last_layer(model))
+    return backbone
+
+
+# ----------------------------------------------------------------------- speed-path probes
+# A speed path is used only after it has reproduced the plain computation on a small input
+# at load time, so a transformers release that renames an argument or changes a layer's
+# internals costs speed (with a warning, see TimeLLM) but never correctness.
+
+_CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers >= 5.24, and before
+
+
+def _find_prefix_cache(backbone: Backbone, candidates: list[str]) -> None:
+    """Set ``backbone.cache_argument`` to the first candidate keyword whose cached prefix
+    gives the uncached result, else record why the prefix cache is unavailable."""
+    path = "model.prefix_cache"
+    if not backbone.takes_position_ids:
+        backbone.unavailable[path] = "its forward takes no position_ids"
+        return
+    for argument in candidates:
+        if _probe(lambda emb, mask, a=argument: _cached_matches(backbone, a, emb, mask), backbone):
+            backbone.cache_argument = argument
+            return
+    tried = " or ".join(candidates) or f"none of {' / '.join(_CACHE_ARGUMENTS)} in its forward"
+    backbone.unavailable[path] = (
+        f"no key/value cache argument reproduced the uncached output ({tried})"
+    )
+
+
+def _check_last_layer(backbone: Backbone, layer: nn.Module | None) -> None:
+    """Keep ``layer`` as ``backbone.last_layer`` if running it for the last positions only
+    gives the whole layer's last rows, else record why that path is unavailable."""
+    path = "model.last_layer_patches_only"
+    if layer is None:
+        backbone.unavailable[path] = "its final layer is not a plain BERT encoder layer"
+        return
+    candidate = replace(backbone, last_layer=layer, unavailable={})
+    if _probe(lambda emb, mask: _last_rows_match(candidate, emb, mask), backbone):
+        backbone.last_layer = layer
+    else:
+        backbone.unavailable[path] = "its final layer did not reproduce the full layer's rows"
+
+
+def _probe(check: Any, backbone: Backbone) -> bool:
+    """Run ``check(embeddings [2, 6, llm_dim], mask)`` on fixed unit-scale inputs, in eval mode
+    and without gradients (so the global random state is untouched); an exception counts as
+    a failure."""
+    model = backbone.model
+    embeds = torch.randn(2, 6, backbone.llm_dim, generator=torch.Generator().manual_seed(0))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return bool(check(embeds, torch.ones(2, 6, dtype=torch.long)))
+    except Exception:  # any failure of an optional speed path means: do not use it
+        return False
+    finally:
+        model.train(was_training)
+
+
+def _cached_matches(backbone: Backbone, argument: str, embeds: Tensor, mask: Tensor) -> bool:
+    trial = replace(backbone, cache_argument=argument, unavailable={})
+    cached = trial.encode(embeds[:, 2:], mask[:, 2:], shared_prefix=embeds[0, :2])
+    whole = trial.encode(torch.cat([embeds[:1, :2].expand(2, -1, -1), embeds[:, 2:]], 1), mask)
+    return torch.allclose(cached, whole[:, 2:], rtol=1e-4, atol=1e-4)
+
+
+def _last_rows_match(backbone: Backbone, embeds: Tensor, mask: Tensor) -> bool:
+    if not backbone._can_keep_last():
+        return True  # not running SDPA now: encode checks that at each call
+    kept = backbone.encode(embeds, mask, keep_last=2)
+    whole = backbone.encode(embeds, mask)
+    return kept.shape == (2, 2, backbone.llm_dim) and torch.allclose(
+        kept, whole[:, -2:], rtol=1e-4, atol=1e-4
     )
 
 

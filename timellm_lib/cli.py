@@ -181,11 +181,12 @@ def _torchrun_worker_args(args: argparse.Namespace) -> list[str]:
 
 
 def _show_training_messages(quiet: bool = False) -> None:
-    """Send the trainer's notices (resumed from, skipped a damaged file) to stderr; ``quiet``
-    (ranks above 0 of a distributed run) keeps only errors."""
+    """Send the package's notices (resumed from, skipped a damaged file, a speed path the
+    backbone cannot give) to stderr; ``quiet`` (ranks above 0 of a distributed run) keeps only
+    errors."""
     import logging
 
-    logger = logging.getLogger("timellm_lib.training")
+    logger = logging.getLogger("timellm_lib")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("timellm train: %(levelname)s: %(message)s"))

@@ -40,7 +40,8 @@ def trace_model(model: nn.Module, x: Tensor) -> list[dict]:
     """Trace one forward pass of ``model`` (in eval mode, without gradients) on ``x``.
 
     Every stage listed by ``model.trace_stages()`` gets a row each time it runs; a model
-    without that method gets only the input and output rows.
+    without that method gets only the input and output rows. The output row carries
+    ``speed_paths`` when the model reports them (:meth:`TimeLLM.speed_paths`).
     """
     rows = [_row("Input", "", x, "model input")]
     handles = []
@@ -58,6 +59,9 @@ def trace_model(model: nn.Module, x: Tensor) -> list[dict]:
         for handle in handles:
             handle.remove()
     rows.append(_row("Output", "", out.pred, "forecast"))
+    speed_paths = getattr(model, "speed_paths", None)
+    if callable(speed_paths):  # which exact speed switches this model really uses, and why not
+        rows[-1]["speed_paths"] = speed_paths()
     return rows
 
 
@@ -68,6 +72,8 @@ def format_trace(rows: list[dict]) -> str:
     widths = {key: max(len(str(c[key])) for c in cells) for key in header}
     lines = ["  ".join(str(c[key]).ljust(widths[key]) for key in header).rstrip() for c in cells]
     lines.insert(1, "  ".join("-" * widths[key] for key in header))
+    for path, status in rows[-1].get("speed_paths", {}).items():
+        lines.append(f"speed path {path}: {status}")
     return "\n".join(lines)
 
 

@@ -37,6 +37,7 @@ Series Forecasting?") are ``model.llm_ablation``:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -66,6 +67,8 @@ from timellm_lib.models.prompt import (
     prompt_statistics,
     prompt_tails,
 )
+
+log = logging.getLogger(__name__)
 
 
 class TimeLLM(nn.Module):
@@ -100,6 +103,7 @@ class TimeLLM(nn.Module):
         if m.llm_ablation != "no_llm":
             self.backbone = load_backbone(m.backbone, m.llm_layers, m.backbone_dropout)
             check_llm_dim(cfg, self.backbone.llm_dim)
+            _warn_unavailable_speed_paths(self.backbone, self.speed_paths())
         # width of the tokens decode() reads: the LLM's, or d_model without an LLM
         self.token_dim = m.d_model if self.backbone is None else self.backbone.llm_dim
 
@@ -134,6 +138,25 @@ class TimeLLM(nn.Module):
                 self.channel_mixing.weight.zero_()
                 self.channel_mixing.weight[0, self.target_index] = 1.0
                 self.channel_mixing.bias.zero_()
+
+    def speed_paths(self) -> dict[str, str]:
+        """Each exact speed switch of the config -> ``on``, ``off (config)`` or why the
+        backbone cannot use it (see :meth:`Backbone.speed_path`); shown by ``timellm trace``."""
+        m, b = self.cfg.model, self.backbone
+        asked = {
+            "model.prefix_cache": m.prefix_cache,
+            "model.last_layer_patches_only": m.last_layer_patches_only,
+        }
+        paths = {}
+        for path, wanted in asked.items():
+            if not wanted:
+                paths[path] = "off (config)"
+            elif b is None or m.llm_ablation != "none":
+                paths[path] = f"not applicable: model.llm_ablation = {m.llm_ablation}"
+            else:
+                status = b.speed_path(path)
+                paths[path] = "on" if status == "available" else status
+        return paths
 
     @property
     def backbone_fingerprint(self) -> str | None:
@@ -367,6 +390,25 @@ class TimeLLM(nn.Module):
             raise ValueError(
                 f"TimeLLM expects input [batch, seq_len={expected[0]}, channels={expected[1]}], "
                 f"got {list(x.shape)}; check data.seq_len and the number of input columns"
+            )
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_unavailable_speed_paths(backbone: Backbone, paths: dict[str, str]) -> None:
+    """Log once per process and backbone each speed path the config asks for that this
+    backbone cannot give, so a slower run never goes unexplained."""
+    for path, status in paths.items():
+        if status.startswith("unavailable") and (backbone.name, path) not in _warned:
+            _warned.add((backbone.name, path))
+            log.warning(
+                "%s is on but backbone %r cannot use it (%s); the run is exact but slower. "
+                "Set %s=false to silence this, or use a transformers version that allows it",
+                path,
+                backbone.name,
+                status.removeprefix("unavailable: "),
+                path,
             )
 
 
