@@ -203,7 +203,9 @@ def test_a_full_disk_at_resume_ends_with_a_message_and_leaves_no_lock(finished, 
         timellm("train", "--run-dir", str(run_dir), "--resume", "auto", "--no-progress"),
         small_fs.parent,
     )
-    _refused(done, "No space left on device [ENOSPC]", "free space there")
+    _refused(
+        done, f"{run_dir / 'train.lock'}: No space left on device [ENOSPC]", "free space there"
+    )
     assert snapshot(small_fs) == before  # no train.lock, nothing else touched
 
 

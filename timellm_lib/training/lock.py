@@ -73,11 +73,11 @@ class RunLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
             os.fsync(fd)
-        except OSError:  # a full disk: leave no empty lock file behind (the caller says why)
+        except OSError as err:  # a full disk: leave no empty lock file behind
             if created:
                 self.path.unlink(missing_ok=True)
             os.close(fd)
-            raise
+            raise OSError(err.errno, err.strerror, str(self.path)) from err  # name the file
         self._fd = fd
         return self
 
