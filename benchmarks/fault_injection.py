@@ -13,10 +13,18 @@ a tensor (what a bad disk does), which only its content checksum can notice: the
 logged losses and test metrics are compared with an uninterrupted run's. A run that reaches
 its end before the kills are used up is compared too, and the next kills go to a new run.
 
+Then two file-system faults on real mounts (a tmpfs; as root, else reported as skipped
+with the reason): a full disk when a paused run resumes (the space is then freed and the
+resume must go on), and a read-only file system holding the run, met by train (resume and
+a fresh run directory), eval and predict. Each command must exit 2 with a message and no
+traceback, and leave every file as it was.
+
 Prints one JSON object: kills (per scenario and per kind of moment), kills that landed
 inside a save, resumes, stale locks taken over, checkpoints damaged on purpose and corrupt
 checkpoints skipped, damaged checkpoints found after kills (must be 0), runs, and runs that
-ended bit-identical to the uninterrupted one (must be all), plus details and the wall time.
+ended bit-identical to the uninterrupted one (must be all), the file-system faults (exit
+code, traceback, files unchanged, the message), plus details and the wall time. A scenario
+given 0 kills is left out.
 
     python benchmarks/fault_injection.py [--seed 0] [--kills-single 15] [--kills-ddp 10]
 """
@@ -26,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -34,7 +43,15 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the test suite's process and run helpers
 
-from process_helpers import kill_tree, start, timellm, torchrun, train_events_since  # noqa: E402
+from fs_helpers import MountUnavailable, fill, remount_read_only, snapshot, tmpfs  # noqa: E402
+from process_helpers import (  # noqa: E402
+    kill_tree,
+    run,
+    start,
+    timellm,
+    torchrun,
+    train_events_since,
+)
 from trainer_helpers import comparable_events, digests, set_args, tiny_overrides  # noqa: E402
 
 from timellm_lib.training.checkpoint import CheckpointError, load_checkpoint, step_files  # noqa: E402
@@ -166,6 +183,51 @@ def damage_newest(run: Path) -> bool:
     return True
 
 
+def filesystem_faults(root: Path) -> dict:
+    """A full disk at resume, then the resume once space is freed; a read-only file system
+    under train, eval and predict. See the module docstring."""
+    args = ["--no-progress", *set_args(tiny_overrides(root, *EXTRA))]
+    paused = root / "fs-paused"  # past the first validation: best.pt exists
+    done = run(timellm("train", *args, "--run-dir", str(paused), "--max-steps", "16"), root)
+    assert done.returncode == 0, done.stderr
+    try:
+        with tmpfs(root / "full") as disk:
+            run_dir = shutil.copytree(paused, disk / "run")
+            resume = timellm("train", *args, "--run-dir", str(run_dir), "--resume", "auto")
+            filler = fill(disk)
+            before = snapshot(disk)
+            full = outcome(run(resume, root), snapshot(disk) == before)
+            filler.unlink()
+            full["resume_after_freeing_space_exit_code"] = run(resume, root).returncode
+        with tmpfs(root / "read-only") as folder:
+            run_dir = shutil.copytree(paused, folder / "run")
+            remount_read_only(folder)
+            before = snapshot(folder)
+            best = str(run_dir / "checkpoints/best.pt")
+            commands = {
+                "train_resume": ["train", *args, "--run-dir", str(run_dir), "--resume", "auto"],
+                "train_fresh_subdirectory": ["train", *args, "--run-dir", str(folder / "a/b")],
+                "eval": ["eval", "--ckpt", best],
+                "predict": ["predict", "--ckpt", best, "--out", str(folder / "p.csv")],
+            }
+            read_only = {}
+            for name, command in commands.items():
+                read_only[name] = outcome(run(timellm(*command), root), snapshot(folder) == before)
+    except MountUnavailable as why:
+        return {"skipped": str(why)}
+    return {"full_disk_at_resume": full, "read_only": read_only}
+
+
+def outcome(done, unchanged: bool) -> dict:
+    """What a command that met a file-system fault did."""
+    return {
+        "exit_code": done.returncode,
+        "traceback": "Traceback" in done.stderr,
+        "files_unchanged": unchanged,
+        "message": " ".join(done.stderr.split())[-400:],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
@@ -174,11 +236,14 @@ def main() -> None:
     args = parser.parse_args()
     rng = random.Random(args.seed)
     began = time.monotonic()
+    plan = {"single_process": (1, args.kills_single), "two_processes": (2, args.kills_ddp)}
     with tempfile.TemporaryDirectory() as tmp:
         results = {
-            "single_process": scenario(Path(tmp), "single", 1, args.kills_single, rng),
-            "two_processes": scenario(Path(tmp), "ddp", 2, args.kills_ddp, rng),
+            name: scenario(Path(tmp), name, nproc, kills, rng)
+            for name, (nproc, kills) in plan.items()
+            if kills > 0
         }
+        filesystem = filesystem_faults(Path(tmp))
     runs = list(results.values())
 
     def total(key: str) -> int:
@@ -198,6 +263,7 @@ def main() -> None:
         "runs": total("runs"),
         "runs_matching_uninterrupted": total("runs_matching"),
         "scenarios": results,
+        "filesystem_faults": filesystem,
         "seconds": round(time.monotonic() - began, 1),
     }
     print(json.dumps(summary, indent=2))

@@ -101,7 +101,8 @@ def test_resume_auto_skips_damaged_files_and_takes_the_previous_valid(tmp_path, 
 
 def test_a_crash_during_a_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     path = tmp_path / "step_00000001.pt"
-    save_checkpoint(path, {"format_version": 1, "global_step": 1})
+    minimal = {"format_version": 1, "model": {}, "config": {}}  # the fields every file has
+    save_checkpoint(path, {**minimal, "global_step": 1})
 
     def crash(payload, f):
         f.write(b"PK\x03\x04 half a zip")
@@ -109,7 +110,7 @@ def test_a_crash_during_a_save_leaves_the_previous_file_intact(tmp_path, monkeyp
 
     monkeypatch.setattr(ckpt_module.torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(path, {"format_version": 1, "global_step": 2})
+        save_checkpoint(path, {**minimal, "global_step": 2})
     monkeypatch.undo()
     assert load_checkpoint(path)["global_step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]

@@ -246,18 +246,19 @@ def test_synthetic_file_written_once_and_rewritten_when_different(tmp_path, monk
     build_datasets(cfg)
     assert (path.stat().st_mtime_ns, path.stat().st_ino) == stamp  # unchanged: not rewritten
 
-    path.write_text("edited by hand\n")
-    again = build_datasets(cfg)
-    assert path.read_text() == expected
-    assert torch.equal(again.test.series(), ds.test.series())
     build_datasets(DataConfig(synthetic_rows=800, synthetic_seed=3, seq_len=48, pred_len=24))
     assert path.read_text() == generate_synthetic(800, 3).to_csv(index=False)
-    assert sorted(p.name for p in path.parent.iterdir()) == ["synthetic_ett.csv"]
+    again = build_datasets(cfg)  # its own file: rewritten
+    assert path.read_text() == expected
+    assert torch.equal(again.test.series(), ds.test.series())
+    names = ["synthetic_ett.csv", "synthetic_ett.csv.sha256"]  # the list of its own versions
+    assert sorted(p.name for p in path.parent.iterdir()) == names
 
 
 def test_synthetic_write_is_atomic(tmp_path, monkeypatch):
     cfg = DataConfig(path=str(tmp_path / "syn.csv"), synthetic_rows=300)
-    (tmp_path / "syn.csv").write_text("old\n")
+    read_series(DataConfig(path=cfg.path, synthetic_rows=300, synthetic_seed=5))
+    old = (tmp_path / "syn.csv").read_text()
 
     def crash(src, dst):
         raise OSError("disk full")
@@ -265,8 +266,8 @@ def test_synthetic_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(synthetic_module.os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
         read_series(cfg)
-    assert (tmp_path / "syn.csv").read_text() == "old\n"  # the previous file is intact
-    assert [p.name for p in tmp_path.iterdir()] == ["syn.csv"]  # no temporary file left
+    assert (tmp_path / "syn.csv").read_text() == old  # the previous file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["syn.csv", "syn.csv.sha256"]
 
 
 def test_synthetic_layout_depends_on_length(tmp_path):

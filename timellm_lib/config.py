@@ -172,9 +172,15 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; pass an existing YAML file")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if loaded is None:  # an empty file would silently run every default (hours of work)
+            raise ConfigError(
+                f"config file {path} is empty (or holds only comments), so every setting would "
+                "take its default (the full default run); write the sections you mean, or `{}` "
+                "on a line of its own to run the defaults on purpose"
+            )
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
         raw = loaded

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from torch import nn
 from timellm_lib.backbones import BackboneError
 from timellm_lib.config import Config, load_config
 from timellm_lib.data import Datasets, Scaler, build_datasets, read_series
+from timellm_lib.data.loaders import scale_to_float32
 from timellm_lib.data.windows import DataError
 from timellm_lib.errors import WorkbenchError
 from timellm_lib.evaluation import evaluate_report, forecasts, predict
@@ -48,6 +50,7 @@ from timellm_lib.training.checkpoint import (
     load_model_weights,
     write_text_atomic,
 )
+from timellm_lib.training.faults import describe_write_error, unwritable, write_fix
 
 OUTPUT_SUFFIXES = (".csv", ".npz")
 
@@ -75,9 +78,7 @@ class Loaded:
 
     @property
     def run_dir(self) -> Path:
-        """The run directory: the parent of ``checkpoints/``, else the file's own folder."""
-        folder = self.path.parent
-        return folder.parent if folder.name == "checkpoints" else folder
+        return run_dir_of(self.path)
 
     @property
     def channels(self) -> list[str]:
@@ -101,6 +102,13 @@ class Loaded:
                 )
             self._datasets = datasets
         return self._datasets
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run directory of a checkpoint: the parent of ``checkpoints/``, else the file's
+    own folder."""
+    folder = Path(checkpoint).parent
+    return folder.parent if folder.name == "checkpoints" else folder
 
 
 def load_for_inference(
@@ -216,7 +224,8 @@ def evaluate_loaded(
     """Score a loaded checkpoint on ``split`` (val or test); see
     :func:`timellm_lib.evaluation.evaluate_report` for the fields, plus ``split``,
     ``checkpoint`` (its path relative to the run directory), ``kind``, ``global_step`` and
-    ``weights``. With ``write`` the result also goes to ``<run_dir>/eval_<split>.json``.
+    ``weights``. With ``write`` the result also goes to the run directory, as
+    :func:`eval_file_name` names it.
 
     ``batch_size`` (default ``data.eval_batch_size``) changes only the speed: scores are
     weighted by window.
@@ -241,10 +250,35 @@ def evaluate_loaded(
         "weights": loaded.weights,
     }
     if write:
-        write_text_atomic(
-            loaded.run_dir / f"eval_{split}.json", json.dumps(result, indent=2) + "\n"
-        )
+        target = loaded.run_dir / eval_file_name(loaded.path, split)
+        try:
+            write_text_atomic(target, json.dumps(result, indent=2) + "\n")
+        except OSError as err:
+            raise InferenceError(
+                f"the {split} scores were computed but not saved: "
+                f"{describe_write_error(err, target)}; {write_fix(err)} and evaluate again"
+            ) from err
     return result
+
+
+def eval_file_name(checkpoint: Path, split: str) -> str:
+    """``eval_<split>.json`` is the run's official result, that of best.pt (the trainer
+    writes it); any other checkpoint's scores go beside it under their own name,
+    ``eval_<split>.<checkpoint stem>.json``, and never replace it."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.name == "best.pt":
+        return f"eval_{split}.json"
+    return f"eval_{split}.{checkpoint.stem}.json"
+
+
+def check_can_write(folder: Path, what: str) -> None:
+    """Refuse, before any work, a command whose result could not be written into
+    ``folder`` (read-only, no permission)."""
+    err = unwritable(folder)
+    if err is not None:
+        raise InferenceError(
+            f"{what} cannot be written: {describe_write_error(err, folder)}; {write_fix(err)}"
+        )
 
 
 def _check_split(split: str) -> None:
@@ -309,31 +343,38 @@ class Predictions:
         """Write ``.csv`` (:meth:`to_frame`) or ``.npz`` (arrays ``forecast``, ``truth`` when
         known, ``dates``, ``windows``, ``channels``; loads without pickle) atomically."""
         path = check_output_path(path)
-        if path.suffix == ".csv":
-            write_text_atomic(path, self.to_frame().to_csv(index=False))
-        else:
-            arrays = {
-                "forecast": self.forecast,
-                "dates": self.dates.astype("datetime64[ns]"),
-                "windows": self.windows,
-                "channels": np.array(self.channels),
-            }
-            if self.truth is not None:
-                arrays["truth"] = self.truth
-            with atomic_file(path) as f:
-                np.savez(f, **arrays)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.suffix == ".csv":
+                write_text_atomic(path, self.to_frame().to_csv(index=False))
+            else:
+                arrays = {
+                    "forecast": self.forecast,
+                    "dates": self.dates.astype("datetime64[ns]"),
+                    "windows": self.windows,
+                    "channels": np.array(self.channels),
+                }
+                if self.truth is not None:
+                    arrays["truth"] = self.truth
+                with atomic_file(path) as f:
+                    np.savez(f, **arrays)
+        except OSError as err:
+            raise InferenceError(
+                f"predictions not saved: {describe_write_error(err, path)}; {write_fix(err)}"
+            ) from err
         return path
 
 
 def check_output_path(path: str | Path) -> Path:
-    """``path`` when it ends in .csv or .npz (its folder is created), else an error."""
+    """``path`` when it ends in .csv or .npz and its folder can be written (or created),
+    else an error."""
     path = Path(path)
     if path.suffix not in OUTPUT_SUFFIXES:
         raise InferenceError(
             f"output {path} must end in .csv (a table) or .npz (numpy arrays); "
             f"got {path.suffix or 'no suffix'}"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_can_write(path.parent, f"predictions {path}")
     return path
 
 
@@ -400,7 +441,9 @@ def predict_csv(loaded: Loaded, csv_path: str | Path) -> Predictions:
     cfg = loaded.cfg.data
     if not csv_path.is_file():
         raise InferenceError(f"input CSV {csv_path} does not exist; pass --input an existing file")
-    frame = read_series(dataclasses.replace(cfg, source="csv", path=str(csv_path)))
+    frame = read_series(
+        dataclasses.replace(cfg, source="csv", path=str(csv_path)), trained_columns=True
+    )
     expected = loaded.scaler.columns
     present = [c for c in frame.columns if c != cfg.date_column]
     missing = [c for c in expected if c not in present]
@@ -418,8 +461,10 @@ def predict_csv(loaded: Loaded, csv_path: str | Path) -> Predictions:
         )
     history = frame.iloc[-cfg.seq_len :]
     columns_in, scaler = loaded.columns_in, loaded.scaler
-    x = scaler.transform(history[columns_in].to_numpy(), columns_in)
-    x = torch.as_tensor(x, dtype=torch.float32).unsqueeze(0)
+    rows = history[columns_in].to_numpy()
+    first = len(frame) - cfg.seq_len
+    x = torch.as_tensor(scale_to_float32(scaler, rows, columns_in, str(csv_path), first))
+    x = x.unsqueeze(0)
     pred = predict(loaded.model, x, loaded.device, loaded.amp_dtype)
     forecast = scaler.inverse_transform(pred.double().cpu().numpy(), loaded.channels)
     dates = frame[cfg.date_column]
@@ -452,6 +497,11 @@ def run_eval(args: argparse.Namespace) -> int:
     """Evaluate, write ``eval_<split>.json`` into the run directory and print the scores."""
     if args.batch_size is not None and args.batch_size < 1:
         raise InferenceError(f"--batch-size {args.batch_size} must be at least 1")
+    _check_split(args.split)
+    ckpt = Path(args.ckpt)
+    if ckpt.is_file():  # else loading says what is wrong
+        target = run_dir_of(ckpt) / eval_file_name(ckpt, args.split)
+        check_can_write(target.parent, f"the scores file {target}")
     result = evaluate_checkpoint(args.ckpt, args.split, args.batch_size, args.device)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0
@@ -459,7 +509,18 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_predict(args: argparse.Namespace) -> int:
     """Forecast the test split or a user CSV and write the predictions file."""
-    check_output_path(args.out)  # before the model is loaded: a typo should cost nothing
+    out = check_output_path(args.out)  # before the model is loaded: a typo should cost nothing
+    if (
+        args.input
+        and out.exists()
+        and Path(args.input).exists()
+        and os.path.samefile(args.input, out)
+    ):
+        raise InferenceError(
+            f"--out {args.out} is the --input file {args.input} itself (the same file, by "
+            "path or link): writing the predictions would overwrite the series they are "
+            "made from; choose another --out"
+        )
     loaded = load_for_inference(args.ckpt, args.device)
     predictions = predict_csv(loaded, args.input) if args.input else predict_split(loaded)
     path = predictions.save(args.out)

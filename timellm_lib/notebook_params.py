@@ -14,7 +14,8 @@ names) and the notebook itself, whose first code cell after the parameters calls
 ``init_notebook`` makes relative paths mean the same everywhere by working from the
 repository root (papermill runs with ``--cwd`` at the root; JupyterLab starts kernels in
 ``notebooks/``, so it moves up one level), then checks the injected values' types against
-the annotations.
+the annotations and refuses names papermill injected that the parameters cell does not
+declare (``papermill -p nosuch 1`` only warns and would run the whole notebook without it).
 
 Parameters named ``config``, ``checkpoint``, ``ckpt`` or ending in ``_config``,
 ``_checkpoint``, ``_ckpt`` are file paths: when not empty they must name an existing file.
@@ -47,6 +48,7 @@ PYTHON_TYPES = {
 }
 FILE_PARAMETERS = ("config", "checkpoint", "ckpt")
 NOTEBOOKS_DIR = "notebooks"
+INJECTED_MARKER = "# Parameters\n"  # how papermill's python translator opens its cell
 
 
 @dataclass(frozen=True)
@@ -177,5 +179,29 @@ def init_notebook(namespace: Mapping[str, Any], notebook: str) -> dict[str, Any]
     if missing:
         raise WorkbenchError(f"{notebook}: run the parameters cell first (missing {missing})")
     values = {p.name: namespace[p.name] for p in params}
-    check(values, params, notebook)
+    injected = {name: namespace.get(name) for name in injected_names(namespace)}
+    check({**injected, **values}, params, notebook)
     return values
+
+
+def injected_names(namespace: Mapping[str, Any]) -> list[str]:
+    """Names assigned by the newest cell papermill injected (its source starts with
+    ``# Parameters``), read from IPython's input history ``In``; none outside IPython or
+    without papermill."""
+    history = namespace.get("In")
+    if not isinstance(history, list):
+        return []
+    for source in reversed(history):
+        if isinstance(source, str) and source.startswith(INJECTED_MARKER):
+            try:
+                tree = ast.parse(source)
+            except SyntaxError:
+                return []
+            return [
+                target.id
+                for node in tree.body
+                if isinstance(node, ast.Assign)
+                for target in node.targets
+                if isinstance(target, ast.Name)
+            ]
+    return []

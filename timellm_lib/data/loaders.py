@@ -90,12 +90,15 @@ def build_datasets(cfg: DataConfig) -> Datasets:
     columns_in = [cfg.target] if cfg.features == "S" else ordered
     columns_out = ordered if cfg.features == "M" else [cfg.target]
 
-    values = frame[columns].to_numpy(np.float64)
+    used = list(dict.fromkeys(columns_in + columns_out))
+    values = frame[used].to_numpy(np.float64)
     train_end = _split_ends(cfg, len(frame))[0]
-    scaler = Scaler.fit(values[:train_end], columns)
-    scaled = scaler.transform(values, columns).astype(np.float32)
-    x_all = scaled[:, [columns.index(c) for c in columns_in]]
-    y_all = scaled[:, [columns.index(c) for c in columns_out]]
+    origin = f"synthetic data ({cfg.path})" if cfg.source == "synthetic" else str(cfg.path)
+    _check_spread(values[:train_end], used, origin)
+    scaler = Scaler.fit(frame[columns].to_numpy(np.float64)[:train_end], columns)
+    scaled = scale_to_float32(scaler, values, used, origin)
+    x_all = scaled[:, [used.index(c) for c in columns_in]]
+    y_all = scaled[:, [used.index(c) for c in columns_out]]
     marks = time_features(frame[cfg.date_column], cfg.freq)
     dates = frame[cfg.date_column].to_numpy()
 
@@ -120,6 +123,51 @@ def build_datasets(cfg: DataConfig) -> Datasets:
         features=cfg.features,
         freq=cfg.freq,
     )
+
+
+def _check_spread(train: np.ndarray, columns: list[str], origin: str) -> None:
+    """Every column the model uses must have a finite, non-zero spread over the training
+    rows: the scaler divides by it. A value so large that the spread overflows (1e300) would
+    make every scaled value 0 or NaN, and a constant column has nothing to scale by."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        spread = train.std(axis=0)
+    for k, name in enumerate(columns):
+        if not np.isfinite(spread[k]):
+            row = int(np.argmax(np.abs(train[:, k])))
+            raise DataError(
+                f"column {name!r} of {origin} cannot be standardised: {_where(row)} holds "
+                f"{train[row, k]:g}, so large that the column's spread over the training rows "
+                "overflows; fix that value (a unit error or a placeholder such as 1e300?) or "
+                "remove the row"
+            )
+        if spread[k] == 0:
+            raise DataError(
+                f"column {name!r} of {origin} is constant ({train[0, k]:g}) over all "
+                f"{len(train)} training rows (from {_where(0)}): it has no spread to "
+                "standardise by and tells the model nothing; remove the column from the file "
+                "(or, for a target, use data that varies)"
+            )
+
+
+def scale_to_float32(
+    scaler: Scaler, values: np.ndarray, columns: list[str], origin: str, first_row: int = 0
+) -> np.ndarray:
+    """``values`` standardised with ``scaler`` as the float32 the model reads; a value whose
+    scaled form leaves float32's range (it would become inf) is a DataError naming it
+    (``first_row``: the data row of ``values[0]`` in the file)."""
+    scaled = scaler.transform(values, columns)
+    limit = np.finfo(np.float32).max
+    beyond = np.argwhere(~(np.abs(scaled) <= limit))
+    if len(beyond):
+        row, k = beyond[0]
+        raise DataError(
+            f"column {columns[k]!r} of {origin} at {_where(first_row + row)} holds "
+            f"{values[row, k]:g}, "
+            f"{abs(scaled[row, k]):.3g} training standard deviations from the mean: beyond "
+            "the float32 range the model computes in; fix that value (a unit error or a "
+            "placeholder?) or remove the row"
+        )
+    return scaled.astype(np.float32)
 
 
 def split_borders(cfg: DataConfig, n_rows: int) -> dict[str, tuple[int, int]]:
@@ -177,12 +225,14 @@ def _check_ett_step(frame: pd.DataFrame, cfg: DataConfig) -> None:
 # --------------------------------------------------------------------------- read + validate
 
 
-def read_series(cfg: DataConfig) -> pd.DataFrame:
+def read_series(cfg: DataConfig, trained_columns: bool = False) -> pd.DataFrame:
     """The configured series as a validated frame: the date column (datetime64) followed by
-    the numeric columns (float64) in file order. Also used to read user CSVs for predict."""
+    the numeric columns (float64) in file order. Also used to read user CSVs for predict,
+    with ``trained_columns``: the date and target columns are then fixed by the checkpoint,
+    so a message asks to rename the file's column instead of changing a setting."""
     if cfg.source == "synthetic":
         return _validate(ensure_synthetic_csv(cfg), cfg, f"synthetic data ({cfg.path})")
-    return _validate(_read_csv(cfg), cfg, str(cfg.path))
+    return _validate(_read_csv(cfg), cfg, str(cfg.path), trained_columns)
 
 
 def _read_csv(cfg: DataConfig) -> pd.DataFrame:
@@ -203,18 +253,29 @@ def _read_csv(cfg: DataConfig) -> pd.DataFrame:
         ) from err
 
 
-def _validate(frame: pd.DataFrame, cfg: DataConfig, origin: str) -> pd.DataFrame:
+def _validate(
+    frame: pd.DataFrame, cfg: DataConfig, origin: str, trained_columns: bool = False
+) -> pd.DataFrame:
     date = cfg.date_column
     if date not in frame.columns:
+        fix = (
+            f"Rename the file's timestamp column to {date!r}, the date column the checkpoint "
+            "was trained with"
+            if trained_columns
+            else "Set data.date_column to the column holding the timestamps"
+        )
         raise DataError(
-            f"{origin} has no date column {date!r}; its columns are {list(frame.columns)}. "
-            "Set data.date_column to the column holding the timestamps"
+            f"{origin} has no date column {date!r}; its columns are {list(frame.columns)}. {fix}"
         )
     columns = [c for c in frame.columns if c != date]
     if cfg.target not in columns:
+        fix = (
+            f"Rename the file's target column to {cfg.target!r}, as in the training data"
+            if trained_columns
+            else "Set data.target to one of them"
+        )
         raise DataError(
-            f"{origin} has no target column {cfg.target!r}; its value columns are {columns}. "
-            "Set data.target to one of them"
+            f"{origin} has no target column {cfg.target!r}; its value columns are {columns}. {fix}"
         )
     if frame.empty:
         raise DataError(f"{origin} has a header but no data rows; it needs a series")

@@ -9,11 +9,15 @@ slow drift. Nothing here is fitted to the real data; it only has the same shape 
 which is enough for models, prompts and notebooks to behave as they would on ETT.
 
 The frame is always generated in memory (about 10 ms for 17,420 rows) and also written to
-``cfg.path`` so users can open it; the file is rewritten only when its text differs.
+``cfg.path`` so users can open it; the file is rewritten only when its text differs, and only
+when it is a file this module wrote: ``<path>.sha256`` beside it lists the sha256 of every
+version written there. Any other file at ``cfg.path`` (a user's own data) is never touched:
+it is an error to name it with ``data.source: synthetic``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -22,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from timellm_lib.config import DataConfig
+from timellm_lib.data.windows import DataError
 
 START = "2016-07-01 00:00:00"
 COLUMNS = ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
@@ -82,14 +87,52 @@ def ensure_synthetic_csv(cfg: DataConfig) -> pd.DataFrame:
 
     The file is a convenience copy for users (it is never read back): the frame returned is
     the in-memory one. It is written atomically, so a crash or a concurrent run never leaves
-    a half-written CSV behind.
+    a half-written CSV behind, and only over a file this function wrote (see the module
+    docstring); any other file there is a DataError.
     """
     frame = generate_synthetic(cfg.synthetic_rows, cfg.synthetic_seed, cfg.freq)
     text = frame.to_csv(index=False)
     path = Path(cfg.path)
-    if not path.is_file() or path.read_text() != text:
-        _write_atomic(path, text)
+    if path.exists():
+        current = path.read_bytes() if path.is_file() else None
+        if current == text.encode():
+            return frame
+        if current is None or _digest(current) not in _written_digests(path):
+            raise DataError(
+                f"data.path = {cfg.path} already holds a file that synthetic data did not "
+                f"write (it is not listed in {_sidecar(path).name}), and data.source = "
+                "synthetic would overwrite it. To train on that file set data.source=csv (or "
+                "ett); to use synthetic data choose a data.path where no file is, e.g. "
+                "data/synthetic_ett.csv (an older synthetic file there can be deleted by hand)"
+            )
+    # the hash goes on the list first: whoever reads either version of the file finds it
+    digests = _written_digests(path) | {_digest(text.encode())}
+    _write_atomic(_sidecar(path), _SIDECAR_HEADER + "".join(f"{d}\n" for d in sorted(digests)))
+    _write_atomic(path, text)
     return frame
+
+
+_SIDECAR_HEADER = (
+    "# sha256 of each version of the CSV beside this file that timellm_lib's synthetic data\n"
+    "# wrote; only a file listed here is ever replaced by it\n"
+)
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(f"{path.name}.sha256")
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _written_digests(path: Path) -> set[str]:
+    """The hashes of the versions of ``path`` this module wrote (none when no list)."""
+    sidecar = _sidecar(path)
+    if not sidecar.is_file():
+        return set()
+    lines = sidecar.read_text().splitlines()
+    return {line.strip() for line in lines if line.strip() and not line.startswith("#")}
 
 
 def _ar1(rng: np.random.Generator, n: int, decay: float) -> np.ndarray:

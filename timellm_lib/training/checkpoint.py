@@ -82,6 +82,34 @@ RESUME_SECTIONS = (
 # single-process files without world_size and rng_other_ranks).
 OPTIONAL_SECTIONS = ("early_stopping", "world_size", "rng_other_ranks")
 CHECKSUM_KEY = "checksum"
+CHECKPOINT_KINDS = ("step", "best", "final")
+# Field: (accepted types, what it must be, for the message). Every reader can rely on these.
+SCHEMA: dict[str, tuple[tuple[type, ...], str]] = {
+    "format_version": ((int,), "a whole number"),
+    "kind": ((str,), f"one of {list(CHECKPOINT_KINDS)}"),
+    "global_step": ((int,), "a whole number >= 0"),
+    "epoch": ((int,), "a whole number >= 0"),
+    "step_in_epoch": ((int,), "a whole number >= 0"),
+    "train_steps": ((int,), "a whole number >= 0"),
+    "metrics_lines": ((int,), "a whole number >= 0"),
+    "world_size": ((int,), "a whole number >= 0"),
+    "model": ((dict,), "a dict of tensors by name"),
+    "config": ((dict,), "a dict of config sections"),
+    "optimizer": ((dict,), "a dict (an optimizer state)"),
+    "scheduler": ((dict,), "a dict (a scheduler state)"),
+    "scaler": ((dict, type(None)), "a dict or None"),
+    "ema": ((dict, type(None)), "a dict or None"),
+    "early_stopping": ((dict, type(None)), "a dict or None"),
+    "rng": ((dict,), "a dict of random states"),
+    "rng_other_ranks": ((list,), "a list of random states"),
+    "sampler": ((dict,), "a dict"),
+    "backbone": ((dict, type(None)), "a dict or None"),
+    "data": ((dict, type(None)), "a dict or None"),
+    "lr": ((float, int), "a number"),
+    "resume_from": ((str,), "a checkpoint file name"),
+    CHECKSUM_KEY: ((str,), "a sha256 hex string"),
+}
+REQUIRED_FIELDS = ("format_version", "global_step", "model", "config")
 
 
 class CheckpointError(WorkbenchError):
@@ -154,7 +182,7 @@ def load_checkpoint(path: str | Path, peek: bool = False) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint {path} does not exist; check the path (run directories keep them in "
-            "checkpoints/) or use --resume auto"
+            "checkpoints/: step_<global_step>.pt, best.pt, final.pt)"
         )
     if path.stat().st_size == 0:
         raise CheckpointError(
@@ -174,6 +202,7 @@ def load_checkpoint(path: str | Path, peek: bool = False) -> dict[str, Any]:
             f"{path} is a PyTorch file but not a timellm checkpoint (no format_version); "
             "pass a file written by `timellm train`"
         )
+    _check_schema(payload, path)
     if payload["format_version"] > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format {payload['format_version']}, newer than the "
@@ -189,6 +218,38 @@ def load_checkpoint(path: str | Path, peek: bool = False) -> dict[str, Any]:
                 "checkpoint (--resume auto skips damaged files)"
             )
     return payload
+
+
+def _check_schema(payload: dict[str, Any], path: Path) -> None:
+    """Refuse a dict that is not shaped like a checkpoint (crafted, or written by other
+    code), naming the first missing or mistyped field, so that no reader meets a KeyError."""
+    for name, (kinds, wanted) in SCHEMA.items():
+        if name not in payload:
+            if name in REQUIRED_FIELDS:
+                problem = f"has no field {name!r} ({wanted})"
+                break
+            continue
+        value = payload[name]
+        if isinstance(value, bool) and bool not in kinds:  # bool is an int to isinstance
+            ok = False
+        elif name == "kind":
+            ok = value in CHECKPOINT_KINDS
+        elif name == "model":
+            ok = isinstance(value, dict) and all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()
+            )
+        else:
+            ok = isinstance(value, kinds) and not (isinstance(value, int) and value < 0)
+        if not ok:
+            shown = repr(value) if not isinstance(value, dict | list) else type(value).__name__
+            problem = f"has field {name!r} = {shown[:60]}, but it must be {wanted}"
+            break
+    else:
+        return
+    raise CheckpointError(
+        f"{path} is not a valid timellm checkpoint: it {problem}; it was made or changed by "
+        "something other than `timellm train`. Pass a checkpoint written by `timellm train`"
+    )
 
 
 def _explain_load_failure(path: Path, err: Exception) -> str:
@@ -311,6 +372,12 @@ def select_resume_checkpoint(run_dir: str | Path, mode: str) -> tuple[Path, dict
         raise CheckpointError(
             f"{path} does not exist: no validation has improved yet in {run_dir}; use "
             "--resume last or --resume auto"
+        )
+    if not path.is_file():
+        raise CheckpointError(
+            f"--resume {mode}: checkpoint {path} does not exist; check the path (run "
+            "directories keep them in checkpoints/) or use --resume auto to take the newest "
+            "valid one of --run-dir"
         )
     payload = load_checkpoint(path)
     if payload.get("kind") == "best":

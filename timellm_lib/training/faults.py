@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
+import tempfile
 import threading
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -78,3 +80,36 @@ def describe_write_error(err: OSError, target: Path | None = None) -> str:
     code = errno.errorcode.get(err.errno or 0)
     cause = err.strerror or str(err)
     return f"could not write {path}: {cause}" + (f" [{code}]" if code else "")
+
+
+def write_fix(err: OSError) -> str:
+    """What to do about a failed write, by its cause."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space there"
+    if err.errno == errno.EROFS:
+        return "that file system is read-only: remount it writable or use a writable folder"
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return "fix the permissions there or use a folder you may write to"
+    return "free space or fix the permissions there"
+
+
+def unwritable(folder: Path) -> OSError | None:
+    """The error creating a file in ``folder`` meets (read-only, no permission, not a
+    folder), or None when it can be written.
+
+    A command that writes its results at the end checks this first, so a read-only or
+    forbidden folder costs nothing. A folder that does not exist yet is judged by its
+    nearest existing parent, where it would be created; nothing is left behind either way.
+    """
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return NotADirectoryError(errno.ENOTDIR, "it is a file, not a folder", str(folder))
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".timellm-probe.", suffix=".tmp")
+    except OSError as err:
+        return err
+    os.close(fd)
+    os.unlink(probe)
+    return None

@@ -47,7 +47,7 @@ class RunLock:
         """Take the lock or raise :class:`RunLockedError` naming its holder."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd, created = _open_or_create(self.path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -69,9 +69,15 @@ class RunLock:
                 _who(stale),
             )
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+            os.fsync(fd)
+        except OSError as err:  # a full disk: leave no empty lock file behind
+            if created:
+                self.path.unlink(missing_ok=True)
+            os.close(fd)
+            raise OSError(err.errno, err.strerror, str(self.path)) from err  # name the file
         self._fd = fd
         return self
 
@@ -94,6 +100,18 @@ class RunLock:
         trace: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def _open_or_create(path: Path) -> tuple[int, bool]:
+    """A read-write descriptor of ``path`` and whether this call created the file."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+    except FileExistsError:
+        pass
+    try:
+        return os.open(path, os.O_RDWR), False
+    except FileNotFoundError:  # removed by its holder in between: create it after all
+        return _open_or_create(path)
 
 
 def _read_holder(fd: int) -> dict[str, Any] | None:

@@ -81,7 +81,7 @@ from timellm_lib.training.distributed import (
 )
 from timellm_lib.training.early_stopping import EarlyStopping
 from timellm_lib.training.ema import EMA
-from timellm_lib.training.faults import StopSignals, describe_write_error
+from timellm_lib.training.faults import StopSignals, describe_write_error, unwritable, write_fix
 from timellm_lib.training.lock import RunLock
 from timellm_lib.training.metrics_log import MetricsLog, rewind_log
 from timellm_lib.training.rng import (
@@ -352,22 +352,57 @@ def _session(
     cfg: Config, run_dir: str | Path | None, device: torch.device
 ) -> Iterator[tuple[Config, Path, World, StopSignals]]:
     """What one :func:`train` call runs inside: the process group, the resolved run directory
-    and its lock, the stop-signal handlers. A failed write other than a checkpoint save (those
-    are handled where they happen) ends the call as a TrainingError that says what to do."""
+    and its lock, the stop-signal handlers. A run directory that cannot be written is refused
+    before any work. A failed write other than a checkpoint save (those are handled where
+    they happen), taking the lock included, ends the call as a TrainingError that says what
+    to do. Folders this call created and left empty (it failed before writing anything) are
+    removed again."""
     with ExitStack() as stack:
         world = stack.enter_context(distributed_session(device))
         cfg, run_dir = from_main(world, partial(_resolve_run_dir, cfg, run_dir))
-        lock = on_main(world, RunLock(run_dir).acquire)
-        if lock is not None:
-            stack.callback(lock.release)
-        signals = stack.enter_context(StopSignals())
+        on_main(world, partial(_check_run_dir, run_dir))
+        if world.is_main:
+            stack.callback(_remove_empty, _missing_folders(run_dir))
         try:
+            lock = on_main(world, RunLock(run_dir).acquire)
+            if lock is not None:
+                stack.callback(lock.release)
+            signals = stack.enter_context(StopSignals())
             yield cfg, run_dir, world, signals
         except OSError as err:
             raise TrainingError(
-                f"{describe_write_error(err)}; free space or fix the permissions there, then "
-                "continue with --resume auto"
+                f"{describe_write_error(err)}; {write_fix(err)}, then run the command again "
+                "(with --resume auto to continue from the newest checkpoint)"
             ) from err
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    err = unwritable(run_dir)
+    if err is not None:
+        raise TrainingError(
+            f"run directory {run_dir} cannot be written: {describe_write_error(err, run_dir)}; "
+            f"{write_fix(err)}, or pass another --run-dir"
+        )
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    folder = folder.absolute()
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove those of ``folders`` (deepest first) that are empty: a run that failed before
+    writing anything leaves no trace."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (the run wrote something) or already gone
+            return
 
 
 def _find_start(
@@ -376,6 +411,8 @@ def _find_start(
     """(checkpoint to resume from or None, config changes, the result when there is nothing
     to do); run by rank 0 alone, before anything in the run directory changes."""
     ckpt_dir = run_dir / "checkpoints"
+    if resume not in (None, "auto", "last", "best"):
+        _refuse_foreign_history(run_dir, Path(resume))
     found = select_resume_checkpoint(run_dir, resume) if resume else None
     if found is None:
         if resume:
@@ -389,6 +426,28 @@ def _find_start(
     path, ckpt = found
     changes = _config_changes(ckpt["config"], cfg.to_dict())
     return path, changes, _already_done(run_dir, path, ckpt, cfg, max_steps, counter)
+
+
+def _refuse_foreign_history(run_dir: Path, path: Path) -> None:
+    """Resuming from a checkpoint of another run rewinds this directory to that run's
+    position: it would discard this directory's own checkpoints and log. So that is allowed
+    only into a directory without a run history."""
+    if path.resolve().parent == (run_dir / "checkpoints").resolve():
+        return
+    ckpt_dir = run_dir / "checkpoints"
+    history = [p for _, p in step_files(ckpt_dir)]
+    history += [ckpt_dir / n for n in ("best.pt", "final.pt") if (ckpt_dir / n).exists()]
+    history += [p for p in (run_dir / "metrics.jsonl",) if p.is_file() and p.stat().st_size]
+    if history:
+        shown = ", ".join(_relative(p, run_dir) for p in history[:4])
+        more = f" and {len(history) - 4} more" if len(history) > 4 else ""
+        raise TrainingError(
+            f"--run-dir {run_dir} holds the history of another run ({shown}{more}), and "
+            f"--resume {path} is not one of its checkpoints: resuming would replace that "
+            "history. To continue from that checkpoint, pass a --run-dir that does not exist "
+            f"yet (or is empty); to continue the run in {run_dir}, use --resume auto or one of "
+            "its own checkpoints"
+        )
 
 
 def _open_fresh_log(run: _Run) -> None:
@@ -719,8 +778,8 @@ def _write_checkpoint(run: _Run, path: Path, payload: dict[str, Any]) -> bool:
         )
         if run.cfg.train.on_save_error == "stop":
             raise TrainingError(
-                f"{message}. Free space or fix the permissions, then continue with --resume "
-                "auto (or set train.on_save_error=continue to train on when a save fails)"
+                f"{message}. {write_fix(err).capitalize()}, then continue with --resume auto "
+                "(or set train.on_save_error=continue to train on when a save fails)"
             ) from err
         log.warning("%s; training goes on (train.on_save_error = continue)", message)
         run.event("save_error", path=_relative(path, run.run_dir), error=str(err))
@@ -836,8 +895,10 @@ def _restore(
         )
 
     def reopen_run_dir() -> None:
-        """Rank 0: drop what the abandoned continuation wrote, rewind the log, log the resume."""
-        discarded = _discard_newer(run, path)
+        """Rank 0: set aside what the abandoned continuation wrote, rewind the log, log the
+        resume."""
+        run.ckpt_dir.mkdir(parents=True, exist_ok=True)  # a new run directory has none yet
+        discarded, aside = _discard_newer(run, path)
         remove_temp_files(run.ckpt_dir)
         if (run.ckpt_dir / "best.pt").is_file():
             best = load_checkpoint(run.ckpt_dir / "best.pt", peek=True)
@@ -863,6 +924,7 @@ def _restore(
             counter_before=counter_before,
             early_stopping_missing=missing_es,
             discarded=discarded,
+            discarded_to=_relative(aside, run.run_dir) if aside else None,
             world_size=run.world.size,
             world_size_before=saved_world,
             reason=reason,
@@ -911,9 +973,11 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any
     optimizer.load_state_dict({**state, "param_groups": groups})
 
 
-def _discard_newer(run: _Run, path: Path) -> list[str]:
-    """Delete checkpoints of this run newer than the one resumed from: they belong to the
-    abandoned continuation, and --resume auto must never pick them up later."""
+def _discard_newer(run: _Run, path: Path) -> tuple[list[str], Path | None]:
+    """Move checkpoints of this run newer than the one resumed from, and the scores made
+    from them, to ``discarded/after_step_<N>_<time>/`` with a copy of the log: they belong to
+    the abandoned continuation and --resume auto must never pick them up, but nothing a user
+    may want back is deleted. Returns the names moved and where to (None: nothing moved)."""
     newer = [p for step, p in step_files(run.ckpt_dir) if step > run.global_step]
     for name in ("final.pt", "best.pt"):
         other = run.ckpt_dir / name
@@ -923,11 +987,28 @@ def _discard_newer(run: _Run, path: Path) -> list[str]:
                     newer.append(other)
             except CheckpointError:
                 newer.append(other)
+    if not newer:
+        return [], None
+    newer += [p for p in run.run_dir.glob("eval_*.json") if _scored_step(p) > run.global_step]
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    aside = run.run_dir / "discarded" / f"after_step_{run.global_step:08d}_{stamp}"
+    aside.mkdir(parents=True)
+    log_file = run.run_dir / "metrics.jsonl"
+    if log_file.is_file():
+        write_text_atomic(aside / log_file.name, log_file.read_text())
     for p in newer:
-        p.unlink()
-    if newer:
-        log.warning("discarded checkpoints newer than the resumed one: %s", [p.name for p in newer])
-    return [p.name for p in newer]
+        p.rename(aside / p.name)
+    names = [p.name for p in newer]
+    log.warning("moved files newer than the resumed checkpoint to %s: %s", aside, names)
+    return names, aside
+
+
+def _scored_step(eval_file: Path) -> int:
+    """The global_step of the checkpoint an eval_*.json scored (-1 when unreadable)."""
+    try:
+        return int(json.loads(eval_file.read_text()).get("checkpoint_global_step", -1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return -1
 
 
 def _already_done(
