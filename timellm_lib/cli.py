@@ -96,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary-csv", metavar="FILE", help="also write the summary table as CSV")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("study", help="train a YAML plan of experiments over seeds: a results table")
+    p.add_argument("plan", help="YAML study plan (configs/studies/, see timellm_lib/study.py)")
+    p.add_argument("--out", metavar="DIR", help="study folder (default outputs/studies/<name>)")
+    p.add_argument("--rows", nargs="+", metavar="NAME", help="train only these rows")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override for every row, e.g. --set data.path=FILE (repeatable)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     p = sub.add_parser("trace", help="stage-by-stage tensor shapes of the model")
     _add_config_args(p)
     p.add_argument("--batch-size", type=int, default=32)
@@ -228,6 +242,13 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return run_plot(args)
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from timellm_lib.study import run_study_command
+
+    _show_training_messages()
+    return run_study_command(args)
+
+
 def _cmd_batch(args: argparse.Namespace) -> int:
     from timellm_lib.batch import run_batch
 
@@ -242,11 +263,14 @@ COMMANDS = {
     "predict": _cmd_predict,
     "plot": _cmd_plot,
     "batch": _cmd_batch,
+    "study": _cmd_study,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command as typed, for records such as a study's results
     try:
         return COMMANDS[args.command](args)
     except WorkbenchError as err:
