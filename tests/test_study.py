@@ -184,3 +184,19 @@ def test_study_killed_mid_run_finishes_with_the_uninterrupted_numbers(tmp_path, 
     assert cli.main([*args, "--out", str(killed)]) == 0
     assert (killed / "runs/llm/seed3/metrics.jsonl").read_text() == before  # reused, untouched
     assert train_events_since(killed / "runs/llm/seed3", began) == 0
+
+
+def test_committed_plans_resolve(repo_root, monkeypatch):
+    """Every plan under configs/studies resolves (configs checked, data not read)."""
+    monkeypatch.chdir(repo_root)
+    plans = sorted((repo_root / "configs/studies").glob("*.yaml"))
+    assert {"etth1_full.yaml", "etth1_10pct.yaml", "smoke.yaml"} <= {p.name for p in plans}
+    for path in plans:
+        plan = study.load_plan(path)
+        for row in plan.rows:
+            assert set(row.configs) == set(row.seeds)
+            if path.stem.startswith("etth1"):
+                cfg = row.configs[row.seeds[0]]
+                assert cfg.data.path == "data/ETT-small/ETTh1.csv" and cfg.data.pred_len == 96
+                published = row.name in {"dlinear_336", "dlinear_512", "timellm_minilm"}
+                assert ("mse" in row.published) == published, row.name

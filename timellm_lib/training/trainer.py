@@ -51,7 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from timellm_lib.config import Config
-from timellm_lib.data.sampler import ResumableLoader, Shard
+from timellm_lib.data.sampler import ResumableLoader, Shard, fixed_subset
 from timellm_lib.errors import WorkbenchError
 from timellm_lib.evaluation import autocast, evaluate
 from timellm_lib.models.output import as_forecast
@@ -616,10 +616,12 @@ def _what_now(run: _Run) -> str:
 
 
 def _validate(run: _Run) -> None:
-    """Validation loss over all val windows, EarlyStopping update, best.pt on improvement.
-    In a distributed run the loss is summed over the ranks' shards first, so every rank
-    takes the same EarlyStopping decision."""
-    metrics = _evaluate(run, run.datasets.val, with_ema=True)
+    """Validation loss over the val windows (all, or the fixed subset of data.val_subset),
+    EarlyStopping update, best.pt on improvement. In a distributed run the loss is summed
+    over the ranks' shards first, so every rank takes the same EarlyStopping decision."""
+    d = run.cfg.data
+    windows = fixed_subset(run.datasets.val, d.val_subset, d.val_subset_seed)
+    metrics = _evaluate(run, windows, with_ema=True)
     run.model.train()
     improved = run.stopper.step(metrics["mse"])
     run.event(
