@@ -110,6 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    p = sub.add_parser("data", help="get data sets: timellm data download ETTh1 [ETTh2 ...]")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("download", help="fetch ETT files from the ETDataset repository")
+    p.add_argument("names", nargs="+", metavar="NAME", help="ETTh1 ETTh2 ETTm1 ETTm2")
+    p.add_argument("--dir", default="data/ETT-small", help="target folder (data/ETT-small)")
+    p.add_argument(
+        "--base-url",
+        help="where the files are (default $TIMELLM_ETT_BASE_URL, else the ETDataset "
+        "repository's raw ETT-small folder)",
+    )
+    p.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="also fetch files without a pinned sha256 (their sha256 is printed)",
+    )
+
     p = sub.add_parser("trace", help="stage-by-stage tensor shapes of the model")
     _add_config_args(p)
     p.add_argument("--batch-size", type=int, default=32)
@@ -249,6 +265,12 @@ def _cmd_study(args: argparse.Namespace) -> int:
     return run_study_command(args)
 
 
+def _cmd_data(args: argparse.Namespace) -> int:
+    from timellm_lib.data.download import run_data_command
+
+    return run_data_command(args)
+
+
 def _cmd_batch(args: argparse.Namespace) -> int:
     from timellm_lib.batch import run_batch
 
@@ -264,6 +286,7 @@ COMMANDS = {
     "plot": _cmd_plot,
     "batch": _cmd_batch,
     "study": _cmd_study,
+    "data": _cmd_data,
 }
 
 

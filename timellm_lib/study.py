@@ -368,6 +368,8 @@ def summarise_row(out: Path, row: Row) -> dict[str, Any]:
     cfg = row.configs[row.seeds[0]].data
     data = Path(cfg.path)
     if cfg.source != "synthetic" and data.is_file():
+        from timellm_lib.data.download import file_sha256
+
         summary["data"] = {"file": data.name, "sha256": file_sha256(data)}
     cost_file = out / "runs" / row.name / "cost.json"
     cost = json.loads(cost_file.read_text()) if cost_file.is_file() else {}
@@ -375,15 +377,6 @@ def summarise_row(out: Path, row: Row) -> dict[str, Any]:
         summary[key] = cost.get(key)
     summary["runs"] = runs
     return summary
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file: the results name the exact data they were measured on."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def machine_info() -> dict[str, Any]:
