@@ -36,11 +36,16 @@ which is why the current fp32 matmul rate is measured and printed too. Besides t
 medians (wall and CPU seconds), ``step_time_paired_ratio`` is the median over rounds of each
 round's ratio: steps of one round run seconds apart, so slow changes of load cancel out.
 
+Evaluation: ``eval_windows_per_s`` gives the validation/test throughput (windows per second
+of the trainer's evaluation forward: eval mode, no gradients, the training precision) at each
+batch size of ``--eval-batches`` (the workbench modes; not measured for ``published-code``).
+
 Prints one JSON object per mode, then a summary with the ratios to the last mode listed:
 
     python benchmarks/step_time.py [--modes workbench,published,reference] [--steps 5]
         [--batch 8] [--threads 2] [--amp off|bf16] [--device cpu|cuda] [--compile]
-        [--adam fused|plain] [--published-src DIR --modes ...,published-code]
+        [--adam fused|plain] [--eval-batches 8,32,64] [--eval-repeats 2]
+        [--published-src DIR --modes ...,published-code]
 
 On a GPU: ``--device cuda --amp bf16 [--compile]``, and ``--batch 24``.
 """
@@ -65,6 +70,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from timellm_lib.config import Config, load_config
+from timellm_lib.evaluation import predict
 from timellm_lib.models import as_forecast, build_model
 
 N_CHANNELS = 7
@@ -264,10 +270,36 @@ def worker(args: argparse.Namespace) -> None:
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         _send({"step_s": wall, "cpu_s": cpu, "loss": loss})
     final = {"peak_rss_mb": peak_rss_mb()}
+    if not MODES[args.worker].published_code:
+        final["eval_windows_per_s"] = eval_rates(model, args)
     if cuda:
         final["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         final["device_name"] = torch.cuda.get_device_name()
     _send(final)
+
+
+def eval_rates(model: nn.Module, args: argparse.Namespace) -> dict[str, float]:
+    """Validation/test throughput, windows per second, at each of ``--eval-batches``: the
+    trainer's evaluation forward (:func:`timellm_lib.evaluation.predict`: eval mode, no
+    gradients, the training precision), one untimed warm-up pass then ``--eval-repeats``."""
+    cfg = model.cfg
+    dtype = (
+        None if MODES[args.worker].yardstick else {"off": None, "bf16": torch.bfloat16}[args.amp]
+    )
+    rates = {}
+    for batch in args.eval_batches:
+        x = torch.randn(batch, cfg.data.seq_len, N_CHANNELS)
+        predict(model, x, args.device, dtype)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.eval_repeats):
+            predict(model, x, args.device, dtype)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        rates[str(batch)] = round(batch * args.eval_repeats / (time.perf_counter() - start), 2)
+    model.train()
+    return rates
 
 
 def _send(message: dict) -> None:
@@ -320,6 +352,8 @@ def _shared_flags(args: argparse.Namespace) -> list[str]:
         f"--amp={args.amp}",
         f"--device={args.device}",
         f"--adam={args.adam}",
+        f"--eval-batches={','.join(map(str, args.eval_batches))}",
+        f"--eval-repeats={args.eval_repeats}",
     ]
     if args.published_src:
         flags.append(f"--published-src={args.published_src}")
@@ -372,6 +406,14 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--adam", choices=["fused", "plain"], default="fused")
+    parser.add_argument(
+        "--eval-batches",
+        type=lambda text: [int(b) for b in text.split(",")],
+        default=[32],
+        metavar="B1,B2",
+        help="eval batch sizes whose windows per second are reported (default 32)",
+    )
+    parser.add_argument("--eval-repeats", type=int, default=2, help="timed eval passes")
     parser.add_argument(
         "--published-src", help="a checkout of KimMeen/Time-LLM, for the mode published-code"
     )

@@ -28,12 +28,16 @@ def _run_json(repo_root, script: str, *args: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_step_time_prints_a_mode_and_a_summary(repo_root):
-    mode, summary = _run_json(repo_root, "step_time.py", "--modes", "workbench", "--steps", "2")
+    mode, summary = _run_json(
+        repo_root, "step_time.py", "--modes", "workbench", "--steps", "2", "--eval-batches", "4,8"
+    )
     assert mode["mode"] == "workbench" and mode["warm_steps"] == 2
     assert mode["step_s_min"] <= mode["step_s_median"] <= mode["step_s_max"]
     assert mode["trainable_params"] == 32_526_936  # the anchor's, as the published model's
     assert mode["llm_rows"] == 8 * 7 and mode["llm_tokens_per_step"] > 8 * 7 * 64
     assert mode["gflop_per_step"] > 0 and mode["peak_rss_mb"] > 0
+    assert set(mode["eval_windows_per_s"]) == {"4", "8"}
+    assert all(rate > 0 for rate in mode["eval_windows_per_s"].values())
     assert summary["step_time_ratio_to_workbench"] == {"workbench": 1.0}
 
 

@@ -78,11 +78,16 @@ def test_ablation_notebook_trains_every_variant_and_writes_its_tables(repo_root,
     fusion = pd.read_csv(root / "fusion.csv")
     assert sorted(fusion["trained with"].unique()) == ["always", "train_only"]
     assert len(fusion) == 4 and fusion["as configured"].sum() == 2
+
+    # accuracy against cost, from the smoke study the notebook ran (configs/studies/smoke.yaml)
+    ran = json.loads((root / "study/results.json").read_text())
+    assert [r["name"] for r in ran["rows"]] == ["dlinear", "timellm_tiny"]
+    assert all(r["n"] == len(r["seeds"]) and r["trainable_params"] for r in ran["rows"])
     configured = fusion[fusion["as configured"]].set_index("trained with")["fusion at test"]
     assert configured.to_dict() == {"always": "on", "train_only": "off"}
 
     figures = {p.name for p in (root / "figures").iterdir()}
-    expected = {"ablation_bars.png", "diagnostics.png"}
+    expected = {"ablation_bars.png", "diagnostics.png", "accuracy_cost.png"}
     expected |= {f"sensitivity_{p}.png" for p in studied}
     assert figures == expected
     types = mime_types(outputs)

@@ -238,3 +238,51 @@ def test_live_loss_plot_collects_train_and_val_events_and_redraws_in_place():
     lines = live.figure().axes[0].get_lines()
     assert [line.get_label() for line in lines] == ["train loss", "val loss"]
     assert list(lines[0].get_ydata()) == [1.0, 0.8, 0.7]
+
+
+def _study_results() -> dict:
+    def row(name, values, published, s_per_step, params):
+        return {
+            "name": name,
+            "published": published,
+            "runs": [{"seed": i, "test_mse": v} for i, v in enumerate(values)]
+            + [{"seed": 9, "status": "incomplete"}],
+            "s_per_step_mean": s_per_step,
+            "trainable_params": params,
+        }
+
+    return {
+        "study": "s",
+        "rows": [
+            row("dlinear", [0.37, 0.38, 0.372], {"mse": 0.375}, 0.01, 64_704),
+            row("llm", [0.45], {}, 3.0, 32_526_936),
+            row("not_run", [], {"mse": 0.4}, None, None),
+        ],
+    }
+
+
+def test_study_points_one_per_finished_row_with_seed_spread():
+    points = plots.study_points(_study_results())
+    assert points["name"].tolist() == ["dlinear", "llm"]
+    dlinear, llm = points.to_dict("records")
+    assert dlinear["n"] == 3 and dlinear["mean"] == pytest.approx(0.374)
+    assert dlinear["std"] == pytest.approx(np.std([0.37, 0.38, 0.372], ddof=1))
+    assert (llm["n"], llm["std"], np.isnan(llm["published"])) == (1, 0.0, True)
+
+
+def test_accuracy_cost_figure_marks_published_numbers():
+    fig = plots.accuracy_cost_mpl(_study_results())
+    axes = fig.axes
+    assert [ax.get_xlabel() for ax in axes] == [
+        "seconds per optimizer step",
+        "trainable parameters",
+    ]
+    assert all(ax.get_xscale() == "log" for ax in axes)
+    for ax, x in zip(axes, ([0.01, 3.0], [64_704, 32_526_936]), strict=True):
+        bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        assert [b.lines[0].get_xdata()[0] for b in bars] == x
+        assert [b.lines[0].get_ydata()[0] for b in bars] == pytest.approx([0.374, 0.45])
+        stars = [c for c in ax.collections if c.get_gid() == "published"]
+        assert [tuple(s.get_offsets()[0]) for s in stars] == [(x[0], 0.375)]  # one published
+    legend = {t.get_text() for t in axes[0].get_legend().get_texts()}
+    assert legend == {"dlinear (n=3)", "llm (n=1)", "published"}

@@ -96,6 +96,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary-csv", metavar="FILE", help="also write the summary table as CSV")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    p = sub.add_parser("study", help="train a YAML plan of experiments over seeds: a results table")
+    p.add_argument("plan", help="YAML study plan (configs/studies/, see timellm_lib/study.py)")
+    p.add_argument("--out", metavar="DIR", help="study folder (default outputs/studies/<name>)")
+    p.add_argument("--rows", nargs="+", metavar="NAME", help="train only these rows")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override for every row, e.g. --set data.path=FILE (repeatable)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("data", help="get data sets: timellm data download ETTh1 [ETTh2 ...]")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("download", help="fetch ETT files from the ETDataset repository")
+    p.add_argument("names", nargs="+", metavar="NAME", help="ETTh1 ETTh2 ETTm1 ETTm2")
+    p.add_argument("--dir", default="data/ETT-small", help="target folder (data/ETT-small)")
+    p.add_argument(
+        "--base-url",
+        help="where the files are (default $TIMELLM_ETT_BASE_URL, else the ETDataset "
+        "repository's raw ETT-small folder)",
+    )
+    p.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="also fetch files without a pinned sha256 (their sha256 is printed)",
+    )
+
     p = sub.add_parser("trace", help="stage-by-stage tensor shapes of the model")
     _add_config_args(p)
     p.add_argument("--batch-size", type=int, default=32)
@@ -229,6 +259,19 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return run_plot(args)
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from timellm_lib.study import run_study_command
+
+    _show_training_messages()
+    return run_study_command(args)
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from timellm_lib.data.download import run_data_command
+
+    return run_data_command(args)
+
+
 def _cmd_batch(args: argparse.Namespace) -> int:
     from timellm_lib.batch import run_batch
 
@@ -243,11 +286,15 @@ COMMANDS = {
     "predict": _cmd_predict,
     "plot": _cmd_plot,
     "batch": _cmd_batch,
+    "study": _cmd_study,
+    "data": _cmd_data,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command as typed, for records such as a study's results
     try:
         return COMMANDS[args.command](args)
     except WorkbenchError as err:

@@ -43,6 +43,11 @@ class DataConfig:
     synthetic_seed: int = 0
     batch_size: int = 8
     eval_batch_size: int = 32
+    # validation windows scored at each validation: 0 all; N a fixed subset of N windows,
+    # drawn once from val_subset_seed (the same windows at every validation and for every
+    # train.seed); the test split is always scored whole
+    val_subset: int = 0
+    val_subset_seed: int = 0
     num_workers: int = 0
 
 
@@ -317,6 +322,7 @@ def validate(cfg: Config) -> None:
     for key, value in [
         ("data.label_len", d.label_len),
         ("data.num_workers", d.num_workers),
+        ("data.val_subset", d.val_subset),
         ("model.llm_layers", m.llm_layers),
         ("model.top_k_lags", m.top_k_lags),
         ("train.save_steps", t.save_steps),

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from timellm_lib.data.sampler import Windows, eval_batches
 from timellm_lib.models.output import as_forecast
@@ -117,11 +118,17 @@ def forecasts(
     batch_size: int,
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
+    progress: str | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """(forecast, target) batches over every window of ``dataset`` in order, on ``device``
-    (see :func:`predict`); the last batch may be smaller, none is dropped."""
-    for x, y in eval_batches(dataset, batch_size):
-        yield predict(model, x, device, amp_dtype), y.to(device)
+    (see :func:`predict`); the last batch may be smaller, none is dropped. ``progress``
+    names a progress bar counting windows (rate and ETA included); None shows none."""
+    with tqdm(
+        total=len(dataset), desc=progress, unit="win", leave=False, disable=progress is None
+    ) as bar:
+        for x, y in eval_batches(dataset, batch_size):
+            yield predict(model, x, device, amp_dtype), y.to(device)
+            bar.update(len(x))
 
 
 def evaluate(
@@ -131,6 +138,7 @@ def evaluate(
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
     all_sum: Callable[[np.ndarray], np.ndarray] | None = None,
+    progress: str | None = None,
 ) -> dict[str, float | int]:
     """Window-weighted ``mse``, ``mae`` and ``n_windows`` of ``model`` on ``dataset``
     (scaled space; what the trainer validates with).
@@ -138,9 +146,10 @@ def evaluate(
     ``amp_dtype`` is the autocast precision of the forward (the training one), if any.
     ``all_sum`` (distributed runs): ``dataset`` is this process's shard, and the totals are
     summed over all processes before the metrics are taken (see :meth:`ErrorTotals.combine`).
+    ``progress``: the label of a progress bar over the windows (None: no bar).
     """
     totals = ErrorTotals()
-    for pred, y in forecasts(model, dataset, batch_size, device, amp_dtype):
+    for pred, y in forecasts(model, dataset, batch_size, device, amp_dtype, progress):
         totals.add(pred, y)
     if all_sum is not None:
         totals.combine(all_sum)

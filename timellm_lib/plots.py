@@ -609,3 +609,69 @@ class LiveLossPlot:
             self.handle = display(fig, display_id=True)
         else:
             self.handle.update(fig)
+
+
+# ------------------------------------------------------------------ study: accuracy and cost
+
+COST_AXES = {
+    "s_per_step_mean": ("seconds per optimizer step", "log"),
+    "trainable_params": ("trainable parameters", "log"),
+}
+
+
+def study_points(results: dict[str, Any], metric: str = "mse") -> pd.DataFrame:
+    """One line per study row with at least one finished run (a study's results.json read
+    as a dict): ``name``, ``n``, the test ``metric``'s ``mean`` and ``std`` (0 for one seed),
+    every seed's value (``seeds``), the cost columns and the ``published`` value (NaN when
+    the row has none)."""
+    lines = []
+    for row in results["rows"]:
+        values = [r[f"test_{metric}"] for r in row["runs"] if r.get(f"test_{metric}") is not None]
+        if not values:
+            continue
+        lines.append(
+            {
+                "name": row["name"],
+                "n": len(values),
+                "mean": float(np.mean(values)),
+                "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                "seeds": values,
+                **{key: row.get(key) for key in COST_AXES},
+                "published": row["published"].get(metric, np.nan),
+            }
+        )
+    return pd.DataFrame(
+        lines, columns=["name", "n", "mean", "std", "seeds", *COST_AXES, "published"]
+    )
+
+
+def accuracy_cost_mpl(results: dict[str, Any], metric: str = "mse") -> Figure:
+    """Test ``metric`` against cost, one panel per cost (seconds per optimizer step,
+    trainable parameters; log scale): a point per row at its mean over seeds with a ± std
+    bar and its seeds as small dots, and the published value as a hollow star at the same
+    cost (the published models' own cost was not measured here) joined to it by a line."""
+    points = study_points(results, metric)
+    fig, axes = _subplots(1, len(COST_AXES), figsize=(6 * len(COST_AXES), 4.5), squeeze=False)
+    for ax, (cost, (label, scale)) in zip(axes[0], COST_AXES.items(), strict=True):
+        for (_, p), color in zip(points.iterrows(), cycle(PALETTE), strict=False):
+            if p[cost] is None or pd.isna(p[cost]):
+                continue
+            ax.errorbar(
+                p[cost], p["mean"], yerr=p["std"], fmt="o", color=color, capsize=4,
+                label=f"{p['name']} (n={p['n']})",
+            )  # fmt: skip
+            ax.scatter([p[cost]] * len(p["seeds"]), p["seeds"], s=10, color=color, alpha=0.5)
+            if not pd.isna(p["published"]):
+                ax.plot([p[cost]] * 2, [p["mean"], p["published"]], ":", color=color)
+                ax.scatter(p[cost], p["published"], marker="*", s=140, facecolors="none",
+                           edgecolors=color, gid="published")  # fmt: skip
+        ax.set_xscale(scale)
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"test {metric.upper()}")
+        ax.grid(alpha=0.3)
+    if len(points):
+        axes[0][0].scatter([], [], marker="*", s=140, facecolors="none", edgecolors="grey",
+                           label="published")  # fmt: skip
+        axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{results['study']}: accuracy against cost (mean ± std over seeds)")
+    return fig

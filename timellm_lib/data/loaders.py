@@ -238,11 +238,16 @@ def read_series(cfg: DataConfig, trained_columns: bool = False) -> pd.DataFrame:
 def _read_csv(cfg: DataConfig) -> pd.DataFrame:
     path = Path(cfg.path)
     if not path.is_file():
-        fix = (
-            f"download the ETT files from {ETT_SOURCE} and set data.path to one of them"
-            if cfg.source == "ett"
-            else "set data.path to a CSV file with a date column and numeric columns"
-        )
+        fix = "set data.path to a CSV file with a date column and numeric columns"
+        if cfg.source == "ett":
+            from timellm_lib.data.download import PINNED_SHA256, download_command
+
+            fix = f"download the ETT files from {ETT_SOURCE} and set data.path to one of them"
+            if path.stem in PINNED_SHA256:
+                fix = (
+                    f"run `{download_command(path.stem)} --dir {path.parent}` to fetch it from "
+                    f"{ETT_SOURCE}, or set data.path to where the file is"
+                )
         raise DataError(f"data file {cfg.path} not found (looked at {path.resolve()}); {fix}")
     try:
         return pd.read_csv(path)

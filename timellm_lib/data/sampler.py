@@ -173,6 +173,34 @@ class Shard:
         return fetch_batch(self.dataset, idx + self.start)
 
 
+class Subset:
+    """The windows ``indices`` (in that order) of a dataset, with a one-gather ``get_batch``."""
+
+    def __init__(self, dataset: Windows, indices: Tensor) -> None:
+        self.dataset = dataset
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Batch:
+        return self.dataset[int(self.indices[i])]
+
+    def get_batch(self, idx: Tensor) -> Batch:
+        return fetch_batch(self.dataset, self.indices[idx])
+
+
+def fixed_subset(dataset: Windows, n: int, seed: int) -> Windows:
+    """``n`` windows of ``dataset`` drawn without replacement from ``seed`` alone, in their
+    time order: the same windows whenever it is called (``n`` 0 or at least the dataset's
+    length: the whole dataset). Validation on a subset costs ``n / len`` of a full pass."""
+    if n <= 0 or n >= len(dataset):
+        return dataset
+    generator = torch.Generator().manual_seed(mix_seed(seed, len(dataset), n))
+    chosen = torch.randperm(len(dataset), generator=generator)[:n]
+    return Subset(dataset, chosen.sort().values)
+
+
 def eval_batches(dataset: Windows, batch_size: int) -> Iterator[Batch]:
     """Every window once, in order, the last batch possibly smaller (evaluation drops none)."""
     for start in range(0, len(dataset), batch_size):

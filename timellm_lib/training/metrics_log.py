@@ -1,10 +1,14 @@
 """metrics.jsonl: one JSON object per event, flushed per line, rewound on resume.
 
 Every event has ``event`` (train, val, test, save, resume, early_stop), ``global_step``,
-``epoch`` and a wall-clock ``time`` (seconds since 1970), plus its own fields. ``epoch`` is the
-epoch the event concerns: for train, val, early_stop and test the epoch of the last optimizer
-step (so the validation closing the first epoch says epoch 0); for save and resume the
-checkpoint's position ``global_step // train_steps``, the epoch the next step belongs to.
+``epoch``, ``lr`` and a wall-clock ``time`` (seconds since 1970), plus its own fields.
+``epoch`` and ``lr`` are those of the last optimizer step, so every event written at an epoch
+end (val, the best and step saves, early_stop, test) names the epoch that ended and the lr it
+trained with (the validation closing the first epoch says epoch 0 and the first epoch's lr,
+not the next epoch's); a save event's ``step_in_epoch`` counts the steps of that epoch done
+(``train_steps`` at its end, where the checkpoint file's own position is the next epoch's
+step 0). A resume event gives the position it continues from (``global_step //
+train_steps``, the epoch the next step belongs to) and the lr the next step will use.
 
 A checkpoint records how many lines the log had when it was saved; resuming from it keeps
 exactly those lines, so the continued log is the uninterrupted run's log plus a resume event.

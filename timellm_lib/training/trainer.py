@@ -51,7 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from timellm_lib.config import Config
-from timellm_lib.data.sampler import ResumableLoader, Shard
+from timellm_lib.data.sampler import ResumableLoader, Shard, fixed_subset
 from timellm_lib.errors import WorkbenchError
 from timellm_lib.evaluation import autocast, evaluate
 from timellm_lib.models.output import as_forecast
@@ -181,6 +181,8 @@ class _Run:
     best_companion: str | None = None  # step checkpoint best.pt resumes from
     interrupted: bool = False  # a stop signal arrived: end after this step, with a checkpoint
     nan_reloads: int = 0  # train.on_nan = reload: reloads done by this process
+    progress: bool = False  # progress bars (training, validation, test) on this process
+    step_lr: float | None = None  # the lr the last optimizer step of this process used
     on_event: Callable[[dict[str, Any]], None] | None = None  # e.g. a notebook's live plot
 
     @property
@@ -196,8 +198,10 @@ class _Run:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def event(self, name: str, epoch: int | None = None, **fields: Any) -> None:
-        """One metrics.jsonl line (rank 0 only: the other ranks have no log); epoch defaults
-        to that of the last optimizer step."""
+        """One metrics.jsonl line (rank 0 only: the other ranks have no log); epoch and lr
+        default to those of the last optimizer step, so an event written at an epoch end
+        (val, best and step saves, early_stop, test) names the epoch that ended and the lr it
+        trained with, not the next epoch's."""
         if self.metrics is None:
             return
         if epoch is None:
@@ -205,7 +209,7 @@ class _Run:
         known = {
             "global_step": self.global_step,
             "epoch": epoch,
-            "lr": self.lr,
+            "lr": self.lr if self.step_lr is None else self.step_lr,
             "best_score": self.stopper.best_score,
             "counter": self.stopper.counter,
         }
@@ -323,8 +327,9 @@ def train(
         # -- 4. the loop, then final.pt and the test split -------------------------------------
         end_step = total_steps if max_steps is None else min(max_steps, total_steps)
         run.forward_model = wrap_model(world, model)
+        run.progress = progress and world.is_main
         with _torch_threads(t.threads):
-            _loop(run, loader, end_step, progress and world.is_main)
+            _loop(run, loader, end_step, run.progress)
             finished = run.global_step >= total_steps or run.stopper.should_stop
             test = _finish(run) if finished else None
         if run.metrics:
@@ -459,7 +464,15 @@ def _loop(run: _Run, loader: ResumableLoader, end_step: int, progress: bool) -> 
     """Optimizer steps from run.global_step until end_step, an EarlyStopping stop or a stop
     signal."""
     t, train_steps, ga = run.cfg.train, run.train_steps, run.cfg.train.grad_accum
-    bar = tqdm(total=run.total_steps, initial=run.global_step, disable=not progress, desc="train")
+    # all of the run's steps (a resumed run starts at its position); the rate is that of
+    # training steps alone: validation and saves have their own bars and are left out
+    bar = tqdm(
+        total=run.total_steps,
+        initial=run.global_step,
+        disable=not progress,
+        desc="train (ETA excl. eval)",
+        unit="step",
+    )
     run.model.train()
     while run.global_step < end_step and not run.stopper.should_stop and not run.interrupted:
         epoch, step_in_epoch = divmod(run.global_step, train_steps)
@@ -472,6 +485,7 @@ def _loop(run: _Run, loader: ResumableLoader, end_step: int, progress: bool) -> 
                 bar.n = run.global_step
                 break
             run.global_step += 1
+            run.step_lr = lr
             bar.update(1)
             if run.global_step % t.log_steps == 0 or "skipped" in stats:
                 run.event("train", lr=lr, aux_warmup=warmup, **stats)
@@ -486,6 +500,7 @@ def _loop(run: _Run, loader: ResumableLoader, end_step: int, progress: bool) -> 
             stop = run.stopper.should_stop or run.global_step >= end_step or run.interrupted
             if end_of_epoch or stop or (t.save_steps and run.global_step % t.save_steps == 0):
                 _save_step(run)
+            bar.unpause()  # the time of validation and saves is not a training step's
             if stop:
                 break
     bar.close()
@@ -675,10 +690,12 @@ def _what_now(run: _Run) -> str:
 
 
 def _validate(run: _Run) -> None:
-    """Validation loss over all val windows, EarlyStopping update, best.pt on improvement.
-    In a distributed run the loss is summed over the ranks' shards first, so every rank
-    takes the same EarlyStopping decision."""
-    metrics = _evaluate(run, run.datasets.val, with_ema=True)
+    """Validation loss over the val windows (all, or the fixed subset of data.val_subset),
+    EarlyStopping update, best.pt on improvement. In a distributed run the loss is summed
+    over the ranks' shards first, so every rank takes the same EarlyStopping decision."""
+    d = run.cfg.data
+    windows = fixed_subset(run.datasets.val, d.val_subset, d.val_subset_seed)
+    metrics = _evaluate(run, windows, with_ema=True, progress="val")
     run.model.train()
     improved = run.stopper.step(metrics["mse"])
     run.event(
@@ -695,12 +712,13 @@ def _validate(run: _Run) -> None:
         run.event("early_stop", patience=run.stopper.patience)
 
 
-def _evaluate(run: _Run, dataset: Any, with_ema: bool) -> dict[str, Any]:
+def _evaluate(run: _Run, dataset: Any, with_ema: bool, progress: str) -> dict[str, Any]:
     """Window-weighted metrics; ``with_ema`` uses the EMA weights when train.eval_with_ema.
-    Each rank of a distributed run scores its shard; the error totals are summed."""
+    Each rank of a distributed run scores its shard; the error totals are summed.
+    ``progress`` labels the bar over the windows (shown where the training bar is)."""
     if with_ema and run.ema and run.cfg.train.eval_with_ema:
         with run.ema.applied(run.model):
-            return _evaluate(run, dataset, with_ema=False)
+            return _evaluate(run, dataset, with_ema=False, progress=progress)
     world = run.world
     if world.distributed:
         dataset = Shard(dataset, world.rank, world.size)
@@ -711,6 +729,7 @@ def _evaluate(run: _Run, dataset: Any, with_ema: bool) -> dict[str, Any]:
         run.device,
         run.amp_dtype,
         all_sum=partial(all_sum, world) if world.distributed else None,
+        progress=progress if run.progress else None,
     )
 
 
@@ -724,8 +743,7 @@ def _save_best(run: _Run) -> None:
     that was never written."""
 
     def write() -> None:
-        epoch = run.global_step // run.train_steps
-        run.event("save", kind="best", path="checkpoints/best.pt", epoch=epoch)
+        run.event("save", kind="best", path="checkpoints/best.pt")
         _write_checkpoint(run, run.ckpt_dir / "best.pt", best_payload(run))
 
     on_main(run.world, write)
@@ -746,10 +764,12 @@ def _save_step(run: _Run, kind: str = "step") -> None:
     rng_states = gather_to_main(run.world, capture_rng_state())
 
     def write() -> bool:
-        epoch, step_in_epoch = divmod(run.global_step, run.train_steps)
-        run.event(
-            "save", kind=kind, path=f"checkpoints/{name}", epoch=epoch, step_in_epoch=step_in_epoch
+        # the epoch of the last step and the steps of it done: (e, train_steps) at the end of
+        # epoch e, where the file's own position is (e + 1, 0)
+        steps_done = (
+            run.global_step - max(run.global_step - 1, 0) // run.train_steps * run.train_steps
         )
+        run.event("save", kind=kind, path=f"checkpoints/{name}", step_in_epoch=steps_done)
         payload = checkpoint_payload(run, kind, rng_states)
         if not _write_checkpoint(run, run.ckpt_dir / name, payload):
             return False
@@ -796,11 +816,12 @@ def _finish(run: _Run) -> dict[str, Any]:
         payload = load_checkpoint(best)
         load_model_weights(run.model, payload["model"])
         used, at_step = "best.pt", payload["global_step"]
-        metrics = _evaluate(run, run.datasets.test, with_ema=False)  # best.pt holds EMA if used
+        # best.pt holds the EMA weights if used
+        metrics = _evaluate(run, run.datasets.test, with_ema=False, progress="test")
     else:  # only after resuming from before a discarded best.pt without a new improvement
         log.warning("no best.pt; evaluating the test split with the final weights")
         used, at_step = "final.pt", run.global_step
-        metrics = _evaluate(run, run.datasets.test, with_ema=True)
+        metrics = _evaluate(run, run.datasets.test, with_ema=True, progress="test")
     result = {"split": "test", **metrics, "checkpoint": used, "checkpoint_global_step": at_step}
 
     def write() -> None:
@@ -857,6 +878,11 @@ def _restore(
             missing_es,
         )
     run.global_step = ckpt["global_step"]
+    # the lr of the step before the checkpoint (LambdaLR: base lr x factor of that step), for
+    # events written before this continuation's first step (a test event after final.pt)
+    scheduler = run.scheduler
+    last = scheduler.last_epoch - 1
+    run.step_lr = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](last) if last >= 0 else None
 
     lr_before = run.lr
     if reset_scheduler:
@@ -914,6 +940,7 @@ def _restore(
             "resume",
             epoch=epoch,
             step_in_epoch=step_in_epoch,
+            lr=run.lr,
             kind=ckpt["kind"],
             metrics_lines_kept=kept,
             config_changes=changes,
