@@ -81,6 +81,8 @@ def test_shipped_configs_load(repo_root):
     d, m = protocol.data, protocol.model
     assert (d.seq_len, d.label_len, d.pred_len, d.features) == (512, 48, 96, "M")
     assert (m.patch_len, m.stride, m.d_model, m.d_ff) == (16, 8, 32, 128)
+    # run_main.py's lr as it really runs (its lradj=type1 trains at lr/25, see schedulers)
+    assert (protocol.train.lr, protocol.train.scheduler) == (0.01, "published_type1")
 
 
 def test_yaml_1_1_boolean_words_stay_strings_only_true_false_are_booleans():

@@ -93,7 +93,17 @@ class TrainConfig:
     lr: float = 1e-3
     optimizer: Literal["adam", "adamw"] = "adam"
     weight_decay: float = 0.0
-    scheduler: Literal["constant", "step", "cosine", "onecycle", "type1", "type3"] = "constant"
+    # published_type1/3: run_main.py's lr as it really runs (lr/25, beta1 0.95; see schedulers)
+    scheduler: Literal[
+        "constant",
+        "step",
+        "cosine",
+        "onecycle",
+        "type1",
+        "type3",
+        "published_type1",
+        "published_type3",
+    ] = "constant"
     step_size: int = 1  # epochs between decays of the step scheduler
     gamma: float = 0.5
     pct_start: float = 0.2  # onecycle warm-up fraction
