@@ -83,6 +83,8 @@ def test_shipped_configs_load(repo_root):
     assert (m.patch_len, m.stride, m.d_model, m.d_ff) == (16, 8, 32, 128)
     # run_main.py's lr as it really runs (its lradj=type1 trains at lr/25, see schedulers)
     assert (protocol.train.lr, protocol.train.scheduler) == (0.01, "published_type1")
+    # the published batches: 8 processes x 24 (window, channel) pairs = 192 series a step
+    assert (d.sample_unit, d.batch_size) == ("channel", 192)
 
 
 def test_yaml_1_1_boolean_words_stay_strings_only_true_false_are_booleans():

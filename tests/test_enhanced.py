@@ -307,6 +307,27 @@ def test_window_index_keeps_training_windows_from_retrieving_their_own_future():
         assert own.nonzero().item() in unmasked[row].tolist()  # unmasked: finds itself
 
 
+@pytest.mark.parametrize("variant", ["baseline", "full"])
+def test_a_batch_of_single_channels_forecasts_as_the_windows_they_came_from(variant):
+    """data.sample_unit = channel: each channel of a window is a sample [L, 1]; the model
+    (channel-independent for M) gives it the forecast it gets inside its window, GRA-M
+    included, whose leakage mask takes the (channel, start) rows."""
+    cfg = small_cfg(**VARIANTS[variant], memory_windows=60, max_memory_size=100)
+    model = seeded(cfg, 2, 2).eval()
+    series = training_series(rows=90)
+    starts = torch.tensor([3, 25, 44])
+    positions = torch.stack([torch.arange(2).repeat(3), starts.repeat_interleave(2)], -1)
+    by_window, by_channel = {}, {}
+    if variant == "full":
+        model.build_memory(series)
+        by_window, by_channel = {"window_index": starts}, {"window_index": positions}
+    x = torch.stack([series[s : s + SEQ] for s in starts.tolist()])  # [3, L, 2]
+    windows = model(x, **by_window).pred  # [3, H, 2]
+    singles = x.transpose(1, 2).reshape(6, SEQ, 1)  # row b*2 + n: channel n of window b
+    channels = model(singles, **by_channel).pred  # [6, H, 1]
+    torch.testing.assert_close(channels[..., 0], windows.transpose(1, 2).reshape(6, PRED))
+
+
 # ----------------------------------------------------------------------------- memory
 
 

@@ -37,8 +37,11 @@ def test_every_variant_trains_and_logs_its_aux_losses(repo_root, tmp_path, varia
         assert steps["tapr_direction_accuracy"].between(0, 1).all()
 
 
-def test_the_full_model_resumes_bit_identically_memory_included(repo_root, tmp_path):
-    cfg = _cfg(repo_root, "full")
+@pytest.mark.parametrize(
+    "sampling", [[], ["data.sample_unit=channel", "data.batch_size=56"]], ids=["window", "channel"]
+)
+def test_the_full_model_resumes_bit_identically_memory_included(repo_root, tmp_path, sampling):
+    cfg = _cfg(repo_root, "full", *sampling)
     whole = train(cfg, run_dir=tmp_path / "whole", progress=False)
     paused = train(cfg, run_dir=tmp_path / "cut", max_steps=7, progress=False)
     assert paused.status == "paused"

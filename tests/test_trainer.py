@@ -80,6 +80,10 @@ INTERRUPTIONS = {
         ],
         9,
     ),
+    "channel samples (one channel of one window each), mid epoch 1": (
+        ["data.sample_unit=channel", "data.batch_size=336"],
+        10,
+    ),
     "published_type1 schedule (lr/25, beta1 0.95), mid epoch 1": (
         ["train.scheduler=published_type1"],
         9,

@@ -41,6 +41,9 @@ class DataConfig:
     split: tuple[float, float, float] = (0.7, 0.1, 0.2)  # generic CSV train/val/test fractions
     synthetic_rows: int = 17420
     synthetic_seed: int = 0
+    # a training sample: a whole window (all channels) or, as the published ETT loader, one
+    # channel of one window (batch_size then counts univariate series; features M or S)
+    sample_unit: Literal["window", "channel"] = "window"
     batch_size: int = 8
     eval_batch_size: int = 32
     num_workers: int = 0
@@ -356,6 +359,11 @@ def validate(cfg: Config) -> None:
         f"data.label_len = {d.label_len} exceeds data.seq_len = {d.seq_len}",
     )
     need(0 < d.percent <= 100, f"data.percent = {d.percent} must be in 1..100")
+    need(
+        d.sample_unit == "window" or d.features != "MS",
+        "data.sample_unit = channel makes every sample one channel, but features MS forecasts "
+        "the target from all channels of a window; use data.sample_unit=window or features M",
+    )
     need(
         abs(sum(d.split) - 1.0) < 1e-6 and all(s > 0 for s in d.split),
         f"data.split = {list(d.split)} must be three positive fractions that add up to 1",

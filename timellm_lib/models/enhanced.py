@@ -60,7 +60,8 @@ class EnhancedTimeLLM(TimeLLM):
 
     ``forward(x, y=None, window_index=None)``: ``y`` [B, pred_len, n_out] (dataset scale)
     turns on the auxiliary losses; ``window_index`` [B] (long), the window starts of a
-    training batch in the training series, masks overlapping memory entries (GRA-M).
+    training batch in the training series, or [B, 2] (channel, start) for a batch of single
+    channels (``data.sample_unit = channel``), masks overlapping memory entries (GRA-M).
     """
 
     def __init__(self, cfg: Config, n_in: int, n_out: int, target_index: int = -1) -> None:
@@ -168,7 +169,9 @@ class EnhancedTimeLLM(TimeLLM):
         if self.cfg.model.use_gram:
             positions = None
             if window_index is not None:
-                positions = query_positions_for(window_index.to(x.device), self.n_in)
+                positions = window_index.to(x.device)
+                if positions.dim() == 1:  # window starts: every channel of each window
+                    positions = query_positions_for(positions, self.n_in)
             retrieved = self.gram(tokens, channel_rows(x), positions)
             tokens = retrieved.patch_out
             prefix.append(self.retrieval_tokens(retrieved.retrieval_tokens))
