@@ -122,10 +122,15 @@ def test_overlapping_copies_are_never_retrieved_and_distant_copies_come_first() 
     # the same copy at a position that does not overlap: retrieved first
     retriever.add_to_memory(window, future, torch.tensor([[channel, start + seq_len + pred_len]]))
     assert retriever.retrieve(query, positions).indices[0, 0] == retriever.size - 1
-    # ... and so is one at the very same rows of another channel
+    # another channel at the very same rows holds the query's future dates: masked too
     retriever.add_to_memory(window, future, torch.tensor([[channel + 1, start]]))
     found = retriever.retrieve(query, positions)
-    assert found.indices[0, :2].sort().values.tolist() == [retriever.size - 2, retriever.size - 1]
+    assert retriever.size - 1 not in found.indices[0].tolist()
+    assert found.indices[0, 0] == retriever.size - 2
+    # ... while another channel's copy that ends where the horizon begins is fair game
+    retriever.add_to_memory(window, future, torch.tensor([[channel + 1, start - pred_len]]))
+    found = retriever.retrieve(query, positions)
+    assert found.indices[0, :2].sort().values.tolist() == [retriever.size - 3, retriever.size - 1]
     assert found.similarity[0, 0] > 0.999
 
 
@@ -367,9 +372,20 @@ def test_no_leakage_on_real_etth1_training_windows(etth1_path) -> None:
             & (q_start < mem[..., 2])
         )
 
-    assert overlapping(r.retrieve(rows)).any()  # the leak is real without the mask
+    def into_horizon(found) -> torch.Tensor:
+        """Items of any channel whose rows reach into the query's forecast horizon."""
+        mem = r.memory_positions[found.indices.clamp_min(0)]
+        q_start = positions[:, None, 1]
+        q_end = q_start + seq_len + pred_len
+        return found.valid & (mem[..., 1] < q_end) & (q_start + seq_len < mem[..., 2])
+
+    unmasked = r.retrieve(rows)
+    assert overlapping(unmasked).any()  # the leak is real without the mask
+    other_channel = into_horizon(unmasked) & ~overlapping(unmasked)
+    assert other_channel.any()  # ... through correlated channels of the same dates too
     masked = r.retrieve(rows, positions)
     assert masked.valid.all() and not overlapping(masked).any()
+    assert not into_horizon(masked).any()
 
 
 def test_gate_losses_have_finite_gradients_when_some_items_are_masked():

@@ -30,7 +30,8 @@ baseline's parameters and gives the baseline's forecasts.
 
 Leakage: the memory holds windows and futures of the training split only. Training batches
 pass ``window_index`` (their window starts in the training series) so that a training window
-never retrieves an entry overlapping its own window or future. Validation and test batches
+never retrieves an entry overlapping its own window or future, nor an entry of any channel
+overlapping its forecast horizon (correlated channels share the dates' future). Validation and test batches
 pass none and need none: every row they forecast lies after the training split, so no memory
 entry contains their targets. Validation windows whose history reaches back into the last
 training rows may retrieve entries whose futures are part of that history, which the model

@@ -389,9 +389,12 @@ class PVDR(nn.Module):
     def retrieve(self, series: Tensor, query_positions: Tensor | None = None) -> Retrieval:
         """Top-k memory items for each query window ``[BN, seq_len]``.
 
-        ``query_positions [BN, 2]`` (channel, start) marks training queries: any memory entry
-        of the same channel whose extent overlaps the query's ``[start, start + seq_len +
-        pred_len)`` is masked *before* top-k, so a query never sees (part of) its own future.
+        ``query_positions [BN, 2]`` (channel, start) marks training queries, and masks
+        *before* top-k every memory entry that overlaps the query's forecast horizon
+        ``[start + seq_len, start + seq_len + pred_len)`` in any channel (channels of one
+        series move together, so another channel's future of the same dates leaks the
+        target), and every entry of the query's own channel that overlaps its window or
+        horizon (a shifted copy of itself).
         """
         rows, k = series.shape[0], self.top_k
         if self.training and self.refresh_every > 0 and self.size:
@@ -431,7 +434,8 @@ class PVDR(nn.Module):
         )
 
     def _overlaps(self, query_positions: Tensor) -> Tensor:
-        """``[BN, M]`` True where memory entry m shares rows of the same channel with query q."""
+        """``[BN, M]`` True where memory entry m overlaps query q's horizon (any channel) or
+        its window (same channel)."""
         if query_positions.dim() != 2 or query_positions.shape[1] != 2:
             raise ValueError(
                 f"query_positions must be [B*N, 2] (channel, start), got {tuple(query_positions.shape)}; "
@@ -442,7 +446,9 @@ class PVDR(nn.Module):
         q_end = q_start + self.seq_len + self.pred_len
         m = self.memory_positions[: self.size]
         m_channel, m_start, m_end = m[:, 0], m[:, 1], m[:, 2]
-        return (q_channel == m_channel) & (m_start < q_end) & (q_start < m_end)
+        reaches_end = m_start < q_end
+        into_horizon = reaches_end & (q_start + self.seq_len < m_end)
+        return into_horizon | ((q_channel == m_channel) & reaches_end & (q_start < m_end))
 
     # -- checkpoints
 
