@@ -45,6 +45,9 @@ def test_shape_trace_notebook_writes_the_shape_and_parameter_tables(repo_root, t
     ]
     assert modules.loc["gram", "buffers"] > 0  # the memory bank
 
+    # TAPR's class shares on the training split, under its auto thresholds
+    assert "auto (training quantiles)" in json.dumps(outputs) and "strong up" in json.dumps(outputs)
+
     types = mime_types(outputs)
     assert "application/vnd.jupyter.widget-view+json" in types  # the explorer
     assert types.count("text/html") >= 4  # static tables, and the explorer's first drawing

@@ -10,6 +10,7 @@ stored in each checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,9 +85,10 @@ class ModelConfig:
     max_memory_size: int = 10000
     memory_windows: int = 5000
     fusion: Literal["train_only", "always", "off"] = "always"
-    # TAPR magnitude thresholds t1 < t2 < t3 < t4 on the relative change over the horizon
-    # (learnable, these are the initial values); see timellm_lib.models.tapr for the label scale
-    trend_thresholds: tuple[float, float, float, float] = (-0.02, -0.005, 0.005, 0.02)
+    # TAPR thresholds t1 < t2 < t3 < t4 on the change over the horizon in units of the window's
+    # mean absolute deviation (learnable; initial values). auto: the 1/6, 1/3, 2/3, 5/6
+    # quantiles of the training split's labels, set when training starts (timellm_lib.models.tapr)
+    trend_thresholds: tuple[float, float, float, float] | Literal["auto"] = "auto"
     llm_ablation: Literal["none", "no_llm", "llm2attn", "llm2trsf"] = "none"
 
 
@@ -260,6 +262,14 @@ def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):  # the first alternative that takes the value
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(" or ".join(errors))
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
@@ -377,7 +387,7 @@ def validate(cfg: Config) -> None:
         f"model.memory_windows = {m.memory_windows} exceeds model.max_memory_size = "
         f"{m.max_memory_size}",
     )
-    thresholds = list(m.trend_thresholds)
+    thresholds = [] if m.trend_thresholds == "auto" else list(m.trend_thresholds)
     need(
         thresholds == sorted(set(thresholds)),
         f"model.trend_thresholds = {thresholds} must be strictly increasing (t1 < t2 < t3 < t4)",

@@ -50,7 +50,14 @@ from timellm_lib.data.windows import WindowDataset
 from timellm_lib.models.gram import GRAM, GRAMOutput, query_positions_for
 from timellm_lib.models.layers import RevIN, Tap, channel_rows
 from timellm_lib.models.output import Forecast
-from timellm_lib.models.tapr import TAPR, TAPROutput, apply_trend_fusion
+from timellm_lib.models.tapr import (
+    DEFAULT_THRESHOLDS,
+    TAPR,
+    TAPROutput,
+    apply_trend_fusion,
+    quantile_thresholds,
+    training_changes,
+)
 from timellm_lib.models.timellm import TimeLLM
 
 TREND_TOKENS, RETRIEVAL_TOKENS = 1, 2
@@ -78,7 +85,10 @@ class EnhancedTimeLLM(TimeLLM):
                 d.pred_len,
                 n_scales=m.n_scales,
                 n_heads=m.n_heads,
-                thresholds_init=m.trend_thresholds,
+                # auto: placeholders until init_trend_thresholds sees the training data
+                thresholds_init=DEFAULT_THRESHOLDS
+                if m.trend_thresholds == "auto"
+                else m.trend_thresholds,
             )
             self.trend_token = Tap()
             if m.fusion != "off":
@@ -118,6 +128,17 @@ class EnhancedTimeLLM(TimeLLM):
             return 0
         series = train.series() if isinstance(train, WindowDataset) else train
         return self.gram.build_memory(series, m.memory_windows, generator)
+
+    def init_trend_thresholds(self, train: WindowDataset) -> tuple[float, ...] | None:
+        """``model.trend_thresholds = auto``: set TAPR's thresholds to quantiles of the
+        training split's labels (see :mod:`timellm_lib.models.tapr`) and return them; None
+        when TAPR is off or the thresholds are configured. Call it once on a fresh start:
+        the thresholds are parameters, so a resumed run gets them from the checkpoint."""
+        if not (self.cfg.model.use_tapr and self.cfg.model.trend_thresholds == "auto"):
+            return None
+        values = quantile_thresholds(training_changes(train, self.target_index))
+        self.tapr.head.set_thresholds(values)
+        return values
 
     # -------------------------------------------------------------------------- tracing
 

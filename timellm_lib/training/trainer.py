@@ -306,6 +306,8 @@ def train(
 
         # -- 3. fresh start or restore ---------------------------------------------------------
         if ckpt is None:
+            if hasattr(model, "init_trend_thresholds"):  # TAPR's auto thresholds: from the data
+                model.init_trend_thresholds(datasets.train)
             if hasattr(model, "build_memory"):  # e.g. GRA-M: its buffers then live in checkpoints
                 model.build_memory(datasets.train, torch.Generator().manual_seed(t.seed))
             if world.rank > 0:
