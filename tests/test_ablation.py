@@ -56,6 +56,16 @@ def test_a_plan_trains_each_distinct_config_once(tmp_path):
     assert "sensitivity top_k=5" in table[table["run"] == full["run"].iloc[0]]["used as"].iloc[0]
 
 
+def test_a_fusion_mode_may_name_the_fusion_form_too(tmp_path):
+    plan = ablation.build_plan(["full"], [1], tmp_path, fusion_modes=["always+multiplicative"])
+    fusion = plan.entries[plan.entries["study"] == "fusion"]
+    cfg = plan.runs[fusion["run"].iloc[0]].resolve().model
+    assert (cfg.fusion, cfg.fusion_form) == ("always", "multiplicative")
+    assert len(plan.runs) == 2  # the variant itself trains with the default reference form
+    with pytest.raises(WorkbenchError, match="fusion_form = 'sideways' is not allowed"):
+        ablation.build_plan(["full"], [1], tmp_path, fusion_modes=["always+sideways"])
+
+
 def test_variant_switches_win_over_the_study_overrides(tmp_path):
     plan = ablation.build_plan(
         ["no_llm", "tapr"],

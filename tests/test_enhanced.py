@@ -14,6 +14,7 @@ from timellm_lib.models import build_model
 from timellm_lib.models.enhanced import EnhancedTimeLLM
 from timellm_lib.models.layers import RevIN
 from timellm_lib.models.prompt import build_prompts, prompt_statistics
+from timellm_lib.models.tapr import DOWN, UP
 from timellm_lib.models.timellm import TimeLLM
 from timellm_lib.tracing import trace_shapes
 
@@ -237,6 +238,37 @@ def test_fusion_modes_train_only_differs_between_train_and_eval_always_and_off_d
     torch.testing.assert_close(preds["always"][0][:, 0], preds["off"][0][:, 0])
 
 
+@pytest.mark.parametrize("direction", [1.0, -1.0], ids=["up", "down"])
+def test_fusion_moves_the_forecast_the_way_the_trend_class_points(direction):
+    """An "up" class of probability 1 never lowers any step of the forecast (and "down"
+    never raises one) with the default reference form; the design's multiplicative form,
+    which scales around the window mean, does move below-mean forecasts the wrong way."""
+    x, _ = batch(4, 2, seed=5)
+    preds, probabilities = {}, []
+    for fusion, form in [
+        ("off", "reference"),
+        ("always", "reference"),
+        ("always", "multiplicative"),
+    ]:
+        model = seeded(small_cfg(use_tapr=True, fusion=fusion, fusion_form=form), 2, 2).eval()
+        head = model.tapr.head
+        with torch.no_grad():  # a certain trend: r_hat = +-50, the gate at its 0.5 bound
+            head.regressor[-1].weight.zero_()
+            head.regressor[-1].bias.fill_(50.0 * direction)
+            head.gate.bias.fill_(20.0)
+        model.tapr.register_forward_hook(
+            lambda _m, _i, out: probabilities.append(torch.softmax(out.direction_logits, -1))
+        )
+        preds[fusion, form] = model(x).pred
+    cls = UP if direction > 0 else DOWN
+    assert all((p[:, cls] > 0.999).all() for p in probabilities)
+    unfused = preds["off", "reference"]
+    moved = (preds["always", "reference"] - unfused) * direction
+    assert (moved >= 0).all() and (moved > 0).any()
+    wrong_way = (preds["always", "multiplicative"] - unfused) * direction
+    assert (wrong_way < 0).any()
+
+
 def test_ms_fusion_and_trend_loss_use_the_target_rows():
     fused_model = seeded(small_cfg("MS", use_tapr=True), 3, 1).eval()
     plain_model = build_model(small_cfg("MS", use_tapr=True, fusion="off"), 3, 1).eval()
@@ -249,8 +281,10 @@ def test_ms_fusion_and_trend_loss_use_the_target_rows():
     _, mean, std = RevIN()(x)
     mean, std = mean[..., 2:], std[..., 2:]  # the target is the last input column
     target = adjustments[0].reshape(2, 3, PRED)[:, 2].unsqueeze(-1)  # rows b*3 + 2
-    expected = RevIN.denormalize((plain - mean) / std * (1 + target), mean, std)
-    torch.testing.assert_close(fused, expected)
+    normalised = (plain - mean) / std
+    last = (x[:, -1:, 2:] - mean) / std  # the target's last input value: the reference
+    expected = normalised + target * (normalised - last).abs()
+    torch.testing.assert_close(fused, RevIN.denormalize(expected, mean, std))
 
     # the trend loss reads only the target's rows: other input channels cannot change it
     other = x.clone()

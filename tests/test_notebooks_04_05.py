@@ -80,9 +80,14 @@ def test_ablation_notebook_trains_every_variant_and_writes_its_tables(repo_root,
 
     fusion = pd.read_csv(root / "fusion.csv")
     assert sorted(fusion["trained with"].unique()) == ["always", "train_only"]
-    assert len(fusion) == 4 and fusion["as configured"].sum() == 2
-    configured = fusion[fusion["as configured"]].set_index("trained with")["fusion at test"]
-    assert configured.to_dict() == {"always": "on", "train_only": "off"}
+    assert sorted(fusion["form"].unique()) == ["multiplicative", "reference"]  # both forms
+    assert len(fusion) == 6 and fusion["as configured"].sum() == 3
+    configured = fusion[fusion["as configured"]].set_index(["trained with", "form"])
+    assert configured["fusion at test"].to_dict() == {
+        ("always", "reference"): "on",
+        ("train_only", "reference"): "off",
+        ("always", "multiplicative"): "on",
+    }
 
     figures = {p.name for p in (root / "figures").iterdir()}
     expected = {"ablation_bars.png", "diagnostics.png"}

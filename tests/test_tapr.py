@@ -216,6 +216,15 @@ def test_trend_fusion_is_pure_and_maps_rows_to_channels() -> None:
     with pytest.raises(ValueError, match="does not fit"):
         apply_trend_fusion(pred, adjustment[:, :-1])
 
+    reference = torch.randn(batch * channels, generator=g)  # last input value of each row
+    fused = apply_trend_fusion(pred, adjustment, reference)
+    for b in range(batch):
+        for c in range(channels):
+            row = b * channels + c
+            distance = (pred[b, :, c] - reference[row]).abs()
+            expected = pred[b, :, c] + adjustment[row] * distance
+            torch.testing.assert_close(fused[b, :, c], expected)
+
 
 def test_fusion_adjustment_is_ramped_and_bounded() -> None:
     regression = torch.tensor([-50.0, -0.3, 0.0, 0.4, 50.0])

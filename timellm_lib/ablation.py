@@ -7,7 +7,8 @@ A study has three parts, each a set of training runs repeated over seeds:
   llm2trsf) and DLinear;
 - ``sensitivity``: one variant with one setting changed per run (``n_scales``, ``top_k``,
   ``lambda_trend``, ``lambda_retrieval``, or any dotted config key);
-- ``fusion``: one TAPR variant trained with each ``model.fusion`` mode.
+- ``fusion``: one TAPR variant trained with each ``model.fusion`` mode, written ``mode`` or
+  ``mode+form`` to choose ``model.fusion_form`` too (``always+multiplicative``).
 
 :func:`build_plan` resolves and validates every run's config before anything trains, and
 runs whose resolved configs are identical are trained once (the full variant at the default
@@ -140,7 +141,8 @@ def build_plan(
     ``overrides`` apply to every run, before the variant's own (so a variant stays what its
     name says). ``sensitivity`` maps a setting (``top_k`` means ``model.top_k``; dotted keys
     are taken as they are) to its values, each a run of ``sensitivity_variant`` per seed.
-    ``fusion_modes`` are ``model.fusion`` values, each a run of ``fusion_variant`` per seed.
+    ``fusion_modes`` are ``model.fusion`` values, optionally ``+`` a ``model.fusion_form``
+    (``always+multiplicative``), each a run of ``fusion_variant`` per seed.
     """
     if not seeds:
         raise WorkbenchError("seeds is empty; give at least one seed, e.g. [2021]")
@@ -186,9 +188,10 @@ def build_plan(
             for value in values:
                 extra = [f"{key}={_yaml(value)}"]
                 add("sensitivity", _variant(sensitivity_variant), seed, param, value, extra)
-        for mode in fusion_modes:
-            variant = _variant(fusion_variant)
-            add("fusion", variant, seed, "fusion", mode, [f"model.fusion={_yaml(mode)}"])
+        for value in fusion_modes:
+            mode, _, form = str(value).partition("+")
+            extra = [f"model.fusion={_yaml(mode)}", *([f"model.fusion_form={form}"] * bool(form))]
+            add("fusion", _variant(fusion_variant), seed, "fusion", value, extra)
     plan = Plan(root, planned, pd.DataFrame(entries, columns=ENTRY_COLUMNS))
     if fusion_modes:
         first = plan.runs[plan.entries[plan.entries["study"] == "fusion"]["run"].iloc[0]]
@@ -466,7 +469,8 @@ def fusion_comparison(plan: Plan, results: pd.DataFrame, device: str = "cpu") ->
     so the two train alike; at validation and test ``train_only`` switches it off, so its
     test forecasts come from a different function than the one training optimised. The
     ``as configured`` row of a run is the score its mode reports (``eval_test.json``); the
-    other row is a re-evaluation of the same weights with fusion switched.
+    other row is a re-evaluation of the same weights with fusion switched. ``form`` is the
+    run's ``model.fusion_form`` (reference or the design's multiplicative form).
     """
     from timellm_lib.inference import evaluate_loaded, load_for_inference
 
@@ -474,7 +478,9 @@ def fusion_comparison(plan: Plan, results: pd.DataFrame, device: str = "cpu") ->
     fusion = results[(results["study"] == "fusion") & results["finished"]]
     for entry in fusion.itertuples():
         best = plan.runs[entry.run].run_dir / "checkpoints" / "best.pt"
-        configured = "on" if entry.param_value == "always" else "off"
+        trained_with = str(entry.param_value).partition("+")[0]
+        form = plan.runs[entry.run].resolve().model.fusion_form
+        configured = "on" if trained_with == "always" else "off"
         switched = "off" if configured == "on" else "on"
         mode = "always" if switched == "on" else "off"
         loaded = load_for_inference(best, device, overrides=[f"model.fusion={_yaml(mode)}"])
@@ -483,7 +489,8 @@ def fusion_comparison(plan: Plan, results: pd.DataFrame, device: str = "cpu") ->
         for applied, scores in ((configured, own), (switched, other)):
             rows.append(
                 {
-                    "trained with": entry.param_value,
+                    "trained with": trained_with,
+                    "form": form,
                     "seed": entry.seed,
                     "fusion at test": applied,
                     "as configured": applied == configured,
@@ -492,5 +499,6 @@ def fusion_comparison(plan: Plan, results: pd.DataFrame, device: str = "cpu") ->
                 }
             )
     return pd.DataFrame(
-        rows, columns=["trained with", "seed", "fusion at test", "as configured", "mse", "mae"]
+        rows,
+        columns=["trained with", "form", "seed", "fusion at test", "as configured", "mse", "mae"],
     )

@@ -85,6 +85,10 @@ class ModelConfig:
     max_memory_size: int = 10000
     memory_windows: int = 5000
     fusion: Literal["train_only", "always", "off"] = "always"
+    # reference: move the forecast by adj x its distance from the last input value (the trend
+    # labels' reference), so an up trend never lowers it; multiplicative: the design's
+    # pred * (1 + adj) around the window mean (direction depends on the forecast's sign)
+    fusion_form: Literal["reference", "multiplicative"] = "reference"
     # TAPR thresholds t1 < t2 < t3 < t4 on the change over the horizon in units of the window's
     # mean absolute deviation (learnable; initial values). auto: the 1/6, 1/3, 2/3, 5/6
     # quantiles of the training split's labels, set when training starts (timellm_lib.models.tapr)

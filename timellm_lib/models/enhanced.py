@@ -13,10 +13,12 @@ the two module families sit between the patch embedding and the reprogramming:
    is ``[pad..., trend, retrieval, prompt, patches]``: padding first, so the mask-derived
    positions of the extra tokens and the prompt do not depend on how much a row is padded,
    and the patches stay the last P positions (1 + 2 + prompt + P tokens with both on).
-5. channel mix (MS), then trend fusion ``pred * (1 + adjustment)`` in normalised space, then
-   de-normalisation. ``model.fusion``: ``always`` (default), ``train_only`` (the published
-   design: only while training, so train-mode and eval-mode forecasts of the same weights
-   differ), ``off``. With fusion off the TAPR gate gets no gradient (nothing reads it).
+5. channel mix (MS), then trend fusion in normalised space (``model.fusion_form``:
+   ``reference``, the default, moves the forecast in the predicted direction by at most half
+   its distance from the last input value, the trend labels' reference; ``multiplicative``,
+   the design's ``pred * (1 + adjustment)``), then de-normalisation. ``model.fusion``:
+   ``always`` (default), ``train_only`` (the published design: only while training, so
+   train-mode and eval-mode forecasts of the same weights differ), ``off``. With fusion off the TAPR gate gets no gradient (nothing reads it).
 
 The LLM ablations (``model.llm_ablation``, see :mod:`timellm_lib.models.timellm`) combine
 with both modules: ``llm2attn``/``llm2trsf`` read the same token sequence as the LLM; with
@@ -165,7 +167,11 @@ class EnhancedTimeLLM(TimeLLM):
             if path == "patch_embedding":
                 stages.update(extra)
         if hasattr(self, "trend_fusion"):
-            stages["trend_fusion"] = ("Trend Fusion", f"fusion={m.fusion}: pred * (1 + adj)")
+            formula = {
+                "reference": "pred + adj * |pred - last input|",
+                "multiplicative": "pred * (1 + adj)",
+            }[m.fusion_form]
+            stages["trend_fusion"] = ("Trend Fusion", f"fusion={m.fusion}: {formula}")
         return stages
 
     def _llm_input_note(self) -> str:
@@ -201,7 +207,10 @@ class EnhancedTimeLLM(TimeLLM):
         pred, mean, std = self.to_channels(rows, x.shape[0], mean, std)
         if trend is not None and self.fusion_active:
             adjustment = self._output_rows(trend.adjustment, x.shape[0])
-            pred = self.trend_fusion(apply_trend_fusion(pred, adjustment))
+            reference = None
+            if self.cfg.model.fusion_form == "reference":  # the labels' reference point
+                reference = self._output_rows(series[:, -1], x.shape[0])
+            pred = self.trend_fusion(apply_trend_fusion(pred, adjustment, reference))
         forecast = Forecast(pred=RevIN.denormalize(pred, mean, std))
         if y is not None:
             self._auxiliary(forecast, series, (y - mean) / std, trend, retrieved)

@@ -10,7 +10,7 @@ lives at coarser scales. TAPR makes it explicit in two parts:
 * :class:`CoarseToFineHead` (TAPR-C2F) predicts the trend hierarchically: direction (up /
   down / flat), magnitude (strong/weak up/down) and a regression of the relative change,
   turns the predicted trend class into one extra LLM token and into a bounded, ramped
-  multiplicative adjustment of the forecast (see :func:`apply_trend_fusion`).
+  adjustment of the forecast in the predicted direction (see :func:`apply_trend_fusion`).
 
 :class:`TAPR` runs both; :meth:`TAPR.loss` trains the head on labels taken from the true
 future (:func:`trend_labels`).
@@ -80,12 +80,20 @@ def series_to_future(rows: Tensor, batch_size: int) -> Tensor:
     return rows.reshape(batch_size, -1, rows.shape[-1]).permute(0, 2, 1)
 
 
-def apply_trend_fusion(pred: Tensor, adjustment: Tensor) -> Tensor:
-    """``pred * (1 + adjustment)`` for ``pred [B, H, C]`` and ``adjustment [B*C, H]``.
+def apply_trend_fusion(pred: Tensor, adjustment: Tensor, reference: Tensor | None = None) -> Tensor:
+    """Trend fusion of ``pred [B, H, C]`` (normalised) with ``adjustment [B*C, H]`` in (-0.5, 0.5).
+
+    With ``reference [B*C]``, the last input value of each series (the point the trend labels
+    measure the change from; ``model.fusion_form = reference``):
+    ``pred + adjustment * |pred - reference|``, which moves every step in the predicted
+    direction by at most half its distance from the reference, more along the horizon (the
+    adjustment's ramp). Without it, the design's ``pred * (1 + adjustment)``
+    (``multiplicative``), which scales the forecast around 0, the window mean: an up trend
+    then pushes a below-mean forecast further down.
 
     Pure: ``pred`` is not modified. The composer decides when to apply it (model.fusion);
     for a forecast of fewer channels than the input (features MS), select the adjustment
-    rows of the forecast channels first.
+    and reference rows of the forecast channels first.
     """
     batch, horizon, channels = pred.shape
     if adjustment.shape != (batch * channels, horizon):
@@ -93,7 +101,11 @@ def apply_trend_fusion(pred: Tensor, adjustment: Tensor) -> Tensor:
             f"adjustment {tuple(adjustment.shape)} does not fit pred {tuple(pred.shape)}: "
             f"expected [B*C, H] = [{batch * channels}, {horizon}]"
         )
-    return pred * (1.0 + series_to_future(adjustment, batch))
+    adjustment = series_to_future(adjustment, batch)
+    if reference is None:
+        return pred * (1.0 + adjustment)
+    level = reference.reshape(batch, 1, channels)
+    return pred + adjustment * (pred - level).abs()
 
 
 # --------------------------------------------------------------------------- TAPR-DM
@@ -314,11 +326,11 @@ class CoarseToFineHead(nn.Module):
 
 
 def fusion_adjustment(regression: Tensor, gate: Tensor, pred_len: int) -> Tensor:
-    """``[BN, H]`` adjustment ``gate * tanh(r_hat) * ramp`` for ``pred * (1 + adjustment)``.
+    """``[BN, H]`` adjustment ``gate * tanh(r_hat) * ramp`` for :func:`apply_trend_fusion`.
 
     The ramp rises linearly from 0 at the first forecast step to 1 at the last (a trend
     matters more the further out one looks; a one-step horizon gets 0). With the gate below
-    0.5 and tanh in (-1, 1), ``1 + adjustment`` stays in (0.5, 1.5).
+    0.5 and tanh in (-1, 1), the adjustment stays in (-0.5, 0.5), its sign that of r_hat.
     """
     ramp = torch.linspace(0.0, 1.0, pred_len, device=regression.device, dtype=regression.dtype)
     return (gate * torch.tanh(regression)).unsqueeze(-1) * ramp
