@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from timellm_lib.config import Config, ConfigError, check_llm_dim, load_config, parse_override
+from timellm_lib.config import (
+    Config,
+    ConfigError,
+    check_llm_dim,
+    checkpoint_config,
+    load_config,
+    parse_override,
+)
 
 
 def test_defaults_file_then_overrides_take_precedence(tmp_path):
@@ -90,3 +97,12 @@ def test_shipped_configs_load(repo_root):
 def test_yaml_1_1_boolean_words_stay_strings_only_true_false_are_booleans():
     assert load_config(overrides=["model.fusion=off"]).model.fusion == "off"
     assert parse_override("model.use_tapr=true") == ("model.use_tapr", True)
+
+
+def test_a_checkpoint_config_without_fusion_form_keeps_the_form_it_was_trained_with():
+    """Checkpoints written before model.fusion_form fused multiplicatively."""
+    old = load_config(extra=checkpoint_config({"model": {"use_tapr": True}}))
+    assert old.model.fusion_form == "multiplicative"
+    assert load_config().model.fusion_form == "reference"
+    new = checkpoint_config({"model": {"fusion_form": "reference"}})
+    assert load_config(extra=new).model.fusion_form == "reference"

@@ -419,6 +419,17 @@ def check_llm_dim(cfg: Config, llm_dim: int) -> None:
         )
 
 
+# Keys added after checkpoints were first written, with the value those checkpoints were
+# trained with where the new default behaves differently (model.fusion_form: issue 13).
+CHECKPOINT_DEFAULTS: dict[str, dict[str, Any]] = {"model": {"fusion_form": "multiplicative"}}
+
+
+def checkpoint_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's stored config with the keys it predates filled in as it was trained,
+    so an older checkpoint keeps computing what it computed."""
+    return _merge(CHECKPOINT_DEFAULTS, saved)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(cfg.to_yaml())
 

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from timellm_lib.config import Config
+from timellm_lib.config import Config, checkpoint_config
 from timellm_lib.data.sampler import ResumableLoader, Shard
 from timellm_lib.data.windows import training_samples
 from timellm_lib.errors import WorkbenchError
@@ -392,7 +392,7 @@ def _find_start(
             )
         return None, {}, None
     path, ckpt = found
-    changes = _config_changes(ckpt["config"], cfg.to_dict())
+    changes = _config_changes(checkpoint_config(ckpt["config"]), cfg.to_dict())
     return path, changes, _already_done(run_dir, path, ckpt, cfg, max_steps, counter)
 
 
