@@ -294,6 +294,37 @@ def test_keys_are_refreshed_every_n_training_passes_only() -> None:
     )
 
 
+def test_evaluation_retrieves_with_keys_of_the_current_encoders() -> None:
+    """Between refreshes the stored keys lag the encoders; evaluation does not: it ranks the
+    memory by keys encoded now, and leaves the stored keys (resumable state) alone."""
+    gram = make_gram(32, 8, refresh_every=50).train()
+    series = training_series(32, 8, extra=200)
+    gram.build_memory(series, 60, torch.Generator().manual_seed(0))
+    r = gram.retriever
+    with torch.no_grad():
+        for p in [*r.pattern.parameters(), *r.value.parameters()]:
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    stale = r.memory_keys.clone()
+    _, rows, _ = batch_from(series, [3, 70, 140], 32)
+    found = gram.eval().retriever.retrieve(rows)
+    with torch.no_grad():
+        query, fresh = r.encode(rows), r.encode(r.memory_windows[: r.size])
+    expected = torch.cdist(query, fresh).pow(2).topk(r.top_k, largest=False)
+    assert torch.equal(found.indices, expected.indices)
+    torch.testing.assert_close(found.similarity, torch.exp(-expected.values), atol=1e-5, rtol=1e-4)
+    assert torch.equal(r.memory_keys, stale) and r.forward_count == 0
+    stale_order = torch.cdist(query, stale[: r.size]).pow(2).topk(r.top_k, largest=False)
+    assert not torch.equal(stale_order.indices, found.indices)  # stale keys would rank others
+
+    with torch.no_grad():  # new weights loaded in eval mode: evaluation encodes anew
+        state = {k: v + 0.05 if "value.mlp" in k else v for k, v in gram.state_dict().items()}
+    gram.load_state_dict(state)
+    with torch.no_grad():
+        query, fresh = r.encode(rows), r.encode(r.memory_windows[: r.size])
+    again = torch.cdist(query, fresh).pow(2).topk(r.top_k, largest=False)
+    assert torch.equal(r.retrieve(rows).indices, again.indices)
+
+
 def test_training_without_query_positions_warns() -> None:
     gram = make_gram(32, 8).train()
     series = training_series(32, 8)
