@@ -105,6 +105,17 @@ class EnhancedTimeLLM(TimeLLM):
         return self.cfg.model.use_gram
 
     @property
+    def skips_parameters(self) -> bool:
+        """True when a training step leaves some trainable parameters without a gradient:
+        TAPR's fusion gate with ``model.fusion = off`` (nothing reads it), GRA-M's retriever
+        and gate with an empty memory (``build_memory = false`` or ``memory_windows = 0``).
+        A distributed run must then tell DDP to look for unused parameters."""
+        m = self.cfg.model
+        idle_gate = m.use_tapr and m.fusion == "off"
+        empty_memory = m.use_gram and (not m.build_memory or m.memory_windows == 0)
+        return idle_gate or empty_memory
+
+    @property
     def fusion_active(self) -> bool:
         """Whether trend fusion is applied in the current mode (``model.fusion``)."""
         mode = self.cfg.model.fusion
