@@ -357,6 +357,8 @@ def aux_terms(events: pd.DataFrame) -> list[str]:
     return [c for c in events.columns if c.startswith("aux_") and c != "aux_warmup"]
 
 
+# the two parts of GRA-M's aux loss as train events log them (GRAM.loss, unweighted)
+GRAM_LOSS_PARTS = ("gram_gate_entropy", "gram_gate_consistency")
 AUX_COLUMNS = ["variant", "seed", "term", "steps", "aux", "mse", "aux / mse", "ok", "note"]
 
 
@@ -396,7 +398,7 @@ def aux_loss_check(
                 }
             )
         weight = plan.runs[entry.run].resolve().model.lambda_retrieval
-        for part in [c for c in every.columns if c.startswith("gram_gate_")]:
+        for part in [c for c in GRAM_LOSS_PARTS if c in every.columns]:
             ratio = weight * every[part] / every["mse"]
             ok = bool(ratio.max() >= min_ratio)
             rows.append(
