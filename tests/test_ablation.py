@@ -56,6 +56,16 @@ def test_a_plan_trains_each_distinct_config_once(tmp_path):
     assert "sensitivity top_k=5" in table[table["run"] == full["run"].iloc[0]]["used as"].iloc[0]
 
 
+def test_a_fusion_mode_may_name_the_fusion_form_too(tmp_path):
+    plan = ablation.build_plan(["full"], [1], tmp_path, fusion_modes=["always+multiplicative"])
+    fusion = plan.entries[plan.entries["study"] == "fusion"]
+    cfg = plan.runs[fusion["run"].iloc[0]].resolve().model
+    assert (cfg.fusion, cfg.fusion_form) == ("always", "multiplicative")
+    assert len(plan.runs) == 2  # the variant itself trains with the default reference form
+    with pytest.raises(WorkbenchError, match="fusion_form = 'sideways' is not allowed"):
+        ablation.build_plan(["full"], [1], tmp_path, fusion_modes=["always+sideways"])
+
+
 def test_variant_switches_win_over_the_study_overrides(tmp_path):
     plan = ablation.build_plan(
         ["no_llm", "tapr"],
@@ -250,6 +260,24 @@ def test_aux_losses_and_trend_accuracy_are_read_from_the_logs(tmp_path):
         ["+GRA-M", "aux_gram", "1-2", False],  # 1e-4 of the MSE: trains nothing
     ]
     assert aux["aux / mse"].tolist() == pytest.approx([0.4, 1e-4])
+
+    # GRA-M's total can pass while one of its parts stays ~0 the whole run: that is said
+    events = [
+        {"mse": 1.0, "aux_gram": 0.014, "gram_gate_entropy": 7e-4, "gram_gate_consistency": 0.045},
+        {"mse": 0.8, "aux_gram": 0.013, "gram_gate_entropy": 9e-4, "gram_gate_consistency": 0.04},
+    ]
+    fake_run(plan.runs[runs["gram"]].run_dir, 0.9, {"name": "timellm", "use_gram": True}, events)
+    gram = ablation.aux_loss_check(plan, ablation.collect(plan), 2, 0.01).query(
+        "variant == '+GRA-M'"
+    )
+    assert gram[["term", "ok", "note"]].values.tolist() == [
+        ["aux_gram", True, ""],
+        ["gram_gate_entropy x lambda_retrieval", False, "near zero throughout the run"],
+        ["gram_gate_consistency x lambda_retrieval", True, ""],
+    ]
+    summary = ablation.aux_check_summary(gram, 0.01)
+    assert summary.startswith("2 of 3 auxiliary terms")
+    assert "gram_gate_entropy x lambda_retrieval is near zero throughout the run" in summary
 
     trend = ablation.trend_accuracy(plan, results, events_per_end=1)
     assert len(trend) == 1

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from timellm_lib.config import Config, ConfigError, check_llm_dim, load_config, parse_override
+from timellm_lib.config import (
+    Config,
+    ConfigError,
+    check_llm_dim,
+    checkpoint_config,
+    load_config,
+    parse_override,
+)
 
 
 def test_defaults_file_then_overrides_take_precedence(tmp_path):
@@ -81,8 +88,21 @@ def test_shipped_configs_load(repo_root):
     d, m = protocol.data, protocol.model
     assert (d.seq_len, d.label_len, d.pred_len, d.features) == (512, 48, 96, "M")
     assert (m.patch_len, m.stride, m.d_model, m.d_ff) == (16, 8, 32, 128)
+    # run_main.py's lr as it really runs (its lradj=type1 trains at lr/25, see schedulers)
+    assert (protocol.train.lr, protocol.train.scheduler) == (0.01, "published_type1")
+    # the published batches: 8 processes x 24 (window, channel) pairs = 192 series a step
+    assert (d.sample_unit, d.batch_size) == ("channel", 192)
 
 
 def test_yaml_1_1_boolean_words_stay_strings_only_true_false_are_booleans():
     assert load_config(overrides=["model.fusion=off"]).model.fusion == "off"
     assert parse_override("model.use_tapr=true") == ("model.use_tapr", True)
+
+
+def test_a_checkpoint_config_without_fusion_form_keeps_the_form_it_was_trained_with():
+    """Checkpoints written before model.fusion_form fused multiplicatively."""
+    old = load_config(extra=checkpoint_config({"model": {"use_tapr": True}}))
+    assert old.model.fusion_form == "multiplicative"
+    assert load_config().model.fusion_form == "reference"
+    new = checkpoint_config({"model": {"fusion_form": "reference"}})
+    assert load_config(extra=new).model.fusion_form == "reference"

@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from timellm_lib.config import DataConfig
+from timellm_lib.config import ConfigError, DataConfig, load_config
 from timellm_lib.data import (
+    ChannelWindows,
     DataError,
     Scaler,
     build_datasets,
@@ -20,9 +21,11 @@ from timellm_lib.data import (
     read_series,
     split_borders,
     time_features,
+    training_samples,
     uses_ett_borders,
 )
 from timellm_lib.data import synthetic as synthetic_module
+from timellm_lib.data.sampler import ResumableLoader
 
 ETT_COLUMNS = ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
 
@@ -76,6 +79,45 @@ def test_etth1_percent_keeps_first_training_windows(etth1_path, etth1):
     for a, b in zip(few.train.get_batch(idx), etth1.train.get_batch(idx), strict=True):
         assert torch.equal(a, b)  # same first windows, same scaling (scaler on all train rows)
     np.testing.assert_array_equal(few.scaler.mean, etth1.scaler.mean)
+
+
+def test_channel_samples_are_the_published_loaders_one_channel_of_one_window(etth1):
+    """Published Dataset_ETT_hour: sample i is channel i // n of the window starting at
+    i % n (n windows), a univariate series x [seq_len, 1], y [pred_len, 1]."""
+    samples = training_samples(etth1.train, "channel")
+    n = len(etth1.train)
+    assert isinstance(samples, ChannelWindows) and len(samples) == 8033 * 7
+    idx = torch.tensor([0, 1, n - 1, n, 3 * n + 17, 7 * n - 1])
+    x, y = samples.get_batch(idx)
+    assert x.shape == (6, 512, 1) and y.shape == (6, 96, 1)
+    for row, i in enumerate(idx.tolist()):
+        channel, start = divmod(i, n)
+        wx, wy = etth1.train[start]
+        assert torch.equal(x[row, :, 0], wx[:, channel]) and torch.equal(
+            y[row, :, 0], wy[:, channel]
+        )
+        assert samples.positions(idx)[row].tolist() == [channel, start]
+    assert training_samples(etth1.train, "window") is etth1.train
+    with pytest.raises(IndexError, match="sample indices"):
+        samples.get_batch(torch.tensor([7 * n]))
+
+
+def test_channel_sampling_gives_the_published_steps_per_epoch_on_etth1(etth1_path):
+    """10% of ETTh1 at seq 512: 717 windows. The published global batch of 192 univariate
+    series takes 26 steps an epoch; 8 whole windows (56 series) take 89."""
+    few = build_datasets(ett_cfg(etth1_path, percent=10))
+    channel = ResumableLoader(training_samples(few.train, "channel"), 192, seed=1)
+    assert (len(channel), len(ResumableLoader(few.train, 8, seed=1))) == (26, 89)
+    batch = channel.batch_indices(epoch=0, start=0, stop=1)[0]
+    assert len(set((batch // 717).tolist())) > 1  # one batch mixes channels (shuffled pairs)
+
+
+def test_channel_samples_need_matching_input_and_output_channels(tmp_path):
+    ds = build_datasets(csv_cfg(write_csv(tmp_path, small_frame()), features="MS"))
+    with pytest.raises(DataError, match="sample_unit=window"):
+        ChannelWindows(ds.train)
+    with pytest.raises(ConfigError, match="sample_unit = channel.*features MS"):
+        load_config(overrides=["data.features=MS", "data.sample_unit=channel"])
 
 
 def test_scaler_fitted_on_training_rows_only(etth1, etth1_raw):

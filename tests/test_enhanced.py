@@ -14,6 +14,7 @@ from timellm_lib.models import build_model
 from timellm_lib.models.enhanced import EnhancedTimeLLM
 from timellm_lib.models.layers import RevIN
 from timellm_lib.models.prompt import build_prompts, prompt_statistics
+from timellm_lib.models.tapr import DOWN, UP
 from timellm_lib.models.timellm import TimeLLM
 from timellm_lib.tracing import trace_shapes
 
@@ -237,6 +238,37 @@ def test_fusion_modes_train_only_differs_between_train_and_eval_always_and_off_d
     torch.testing.assert_close(preds["always"][0][:, 0], preds["off"][0][:, 0])
 
 
+@pytest.mark.parametrize("direction", [1.0, -1.0], ids=["up", "down"])
+def test_fusion_moves_the_forecast_the_way_the_trend_class_points(direction):
+    """An "up" class of probability 1 never lowers any step of the forecast (and "down"
+    never raises one) with the default reference form; the design's multiplicative form,
+    which scales around the window mean, does move below-mean forecasts the wrong way."""
+    x, _ = batch(4, 2, seed=5)
+    preds, probabilities = {}, []
+    for fusion, form in [
+        ("off", "reference"),
+        ("always", "reference"),
+        ("always", "multiplicative"),
+    ]:
+        model = seeded(small_cfg(use_tapr=True, fusion=fusion, fusion_form=form), 2, 2).eval()
+        head = model.tapr.head
+        with torch.no_grad():  # a certain trend: r_hat = +-50, the gate at its 0.5 bound
+            head.regressor[-1].weight.zero_()
+            head.regressor[-1].bias.fill_(50.0 * direction)
+            head.gate.bias.fill_(20.0)
+        model.tapr.register_forward_hook(
+            lambda _m, _i, out: probabilities.append(torch.softmax(out.direction_logits, -1))
+        )
+        preds[fusion, form] = model(x).pred
+    cls = UP if direction > 0 else DOWN
+    assert all((p[:, cls] > 0.999).all() for p in probabilities)
+    unfused = preds["off", "reference"]
+    moved = (preds["always", "reference"] - unfused) * direction
+    assert (moved >= 0).all() and (moved > 0).any()
+    wrong_way = (preds["always", "multiplicative"] - unfused) * direction
+    assert (wrong_way < 0).any()
+
+
 def test_ms_fusion_and_trend_loss_use_the_target_rows():
     fused_model = seeded(small_cfg("MS", use_tapr=True), 3, 1).eval()
     plain_model = build_model(small_cfg("MS", use_tapr=True, fusion="off"), 3, 1).eval()
@@ -249,8 +281,10 @@ def test_ms_fusion_and_trend_loss_use_the_target_rows():
     _, mean, std = RevIN()(x)
     mean, std = mean[..., 2:], std[..., 2:]  # the target is the last input column
     target = adjustments[0].reshape(2, 3, PRED)[:, 2].unsqueeze(-1)  # rows b*3 + 2
-    expected = RevIN.denormalize((plain - mean) / std * (1 + target), mean, std)
-    torch.testing.assert_close(fused, expected)
+    normalised = (plain - mean) / std
+    last = (x[:, -1:, 2:] - mean) / std  # the target's last input value: the reference
+    expected = normalised + target * (normalised - last).abs()
+    torch.testing.assert_close(fused, RevIN.denormalize(expected, mean, std))
 
     # the trend loss reads only the target's rows: other input channels cannot change it
     other = x.clone()
@@ -305,6 +339,27 @@ def test_window_index_keeps_training_windows_from_retrieving_their_own_future():
         assert not (overlap & (start[row] < entries[:, 2])).any()
         own = (positions[:, 0] == channel[row]) & (positions[:, 1] == start[row])
         assert own.nonzero().item() in unmasked[row].tolist()  # unmasked: finds itself
+
+
+@pytest.mark.parametrize("variant", ["baseline", "full"])
+def test_a_batch_of_single_channels_forecasts_as_the_windows_they_came_from(variant):
+    """data.sample_unit = channel: each channel of a window is a sample [L, 1]; the model
+    (channel-independent for M) gives it the forecast it gets inside its window, GRA-M
+    included, whose leakage mask takes the (channel, start) rows."""
+    cfg = small_cfg(**VARIANTS[variant], memory_windows=60, max_memory_size=100)
+    model = seeded(cfg, 2, 2).eval()
+    series = training_series(rows=90)
+    starts = torch.tensor([3, 25, 44])
+    positions = torch.stack([torch.arange(2).repeat(3), starts.repeat_interleave(2)], -1)
+    by_window, by_channel = {}, {}
+    if variant == "full":
+        model.build_memory(series)
+        by_window, by_channel = {"window_index": starts}, {"window_index": positions}
+    x = torch.stack([series[s : s + SEQ] for s in starts.tolist()])  # [3, L, 2]
+    windows = model(x, **by_window).pred  # [3, H, 2]
+    singles = x.transpose(1, 2).reshape(6, SEQ, 1)  # row b*2 + n: channel n of window b
+    channels = model(singles, **by_channel).pred  # [6, H, 1]
+    torch.testing.assert_close(channels[..., 0], windows.transpose(1, 2).reshape(6, PRED))
 
 
 # ----------------------------------------------------------------------------- memory

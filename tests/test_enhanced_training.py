@@ -6,11 +6,12 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import torch
 
 from timellm_lib.config import load_config
 from timellm_lib.runs import load_metrics
 from timellm_lib.training import train
-from timellm_lib.training.checkpoint import describe_checkpoint
+from timellm_lib.training.checkpoint import describe_checkpoint, load_checkpoint
 
 FAST = ["train.epochs=1", "train.eval_steps=10", "train.log_steps=1", "train.save_steps=5"]
 
@@ -37,8 +38,11 @@ def test_every_variant_trains_and_logs_its_aux_losses(repo_root, tmp_path, varia
         assert steps["tapr_direction_accuracy"].between(0, 1).all()
 
 
-def test_the_full_model_resumes_bit_identically_memory_included(repo_root, tmp_path):
-    cfg = _cfg(repo_root, "full")
+@pytest.mark.parametrize(
+    "sampling", [[], ["data.sample_unit=channel", "data.batch_size=56"]], ids=["window", "channel"]
+)
+def test_the_full_model_resumes_bit_identically_memory_included(repo_root, tmp_path, sampling):
+    cfg = _cfg(repo_root, "full", *sampling)
     whole = train(cfg, run_dir=tmp_path / "whole", progress=False)
     paused = train(cfg, run_dir=tmp_path / "cut", max_steps=7, progress=False)
     assert paused.status == "paused"
@@ -54,3 +58,19 @@ def test_the_full_model_resumes_bit_identically_memory_included(repo_root, tmp_p
         return keep[["event", "global_step", "loss", "val_loss", "mse"]].reset_index(drop=True)
 
     assert losses("whole").equals(losses("cut"))
+
+
+def test_ema_averages_trainable_weights_only_and_keeps_the_live_gram_memory(repo_root, tmp_path):
+    """The GRA-M memory (buffers) is state, not a weight: best.pt written with EMA weights
+    holds the real memory and its keys, not an average that started at zero."""
+    ema = ["train.ema_decay=0.9", "train.eval_with_ema=true", "train.eval_steps=2"]
+    cfg = _cfg(repo_root, "gram", *ema)
+    train(cfg, run_dir=tmp_path / "run", max_steps=4, progress=False)
+    ckpts = tmp_path / "run/checkpoints"
+    step, best = load_checkpoint(ckpts / "step_00000004.pt"), load_checkpoint(ckpts / "best.pt")
+    trainable = {k for k in step["model"] if not k.startswith("gram.retriever.memory_")}
+    assert set(step["ema"]["shadow"]) <= trainable  # no buffer is averaged
+    memory = [k for k in step["model"] if k.startswith("gram.retriever.memory_")]
+    assert memory and step["model"]["gram.retriever.memory_values"].abs().sum() > 0
+    for name in memory:  # no refresh happened between best.pt and this step
+        assert torch.equal(best["model"][name], step["model"][name]), name

@@ -122,10 +122,15 @@ def test_overlapping_copies_are_never_retrieved_and_distant_copies_come_first() 
     # the same copy at a position that does not overlap: retrieved first
     retriever.add_to_memory(window, future, torch.tensor([[channel, start + seq_len + pred_len]]))
     assert retriever.retrieve(query, positions).indices[0, 0] == retriever.size - 1
-    # ... and so is one at the very same rows of another channel
+    # another channel at the very same rows holds the query's future dates: masked too
     retriever.add_to_memory(window, future, torch.tensor([[channel + 1, start]]))
     found = retriever.retrieve(query, positions)
-    assert found.indices[0, :2].sort().values.tolist() == [retriever.size - 2, retriever.size - 1]
+    assert retriever.size - 1 not in found.indices[0].tolist()
+    assert found.indices[0, 0] == retriever.size - 2
+    # ... while another channel's copy that ends where the horizon begins is fair game
+    retriever.add_to_memory(window, future, torch.tensor([[channel + 1, start - pred_len]]))
+    found = retriever.retrieve(query, positions)
+    assert found.indices[0, :2].sort().values.tolist() == [retriever.size - 3, retriever.size - 1]
     assert found.similarity[0, 0] > 0.999
 
 
@@ -289,6 +294,37 @@ def test_keys_are_refreshed_every_n_training_passes_only() -> None:
     )
 
 
+def test_evaluation_retrieves_with_keys_of_the_current_encoders() -> None:
+    """Between refreshes the stored keys lag the encoders; evaluation does not: it ranks the
+    memory by keys encoded now, and leaves the stored keys (resumable state) alone."""
+    gram = make_gram(32, 8, refresh_every=50).train()
+    series = training_series(32, 8, extra=200)
+    gram.build_memory(series, 60, torch.Generator().manual_seed(0))
+    r = gram.retriever
+    with torch.no_grad():
+        for p in [*r.pattern.parameters(), *r.value.parameters()]:
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    stale = r.memory_keys.clone()
+    _, rows, _ = batch_from(series, [3, 70, 140], 32)
+    found = gram.eval().retriever.retrieve(rows)
+    with torch.no_grad():
+        query, fresh = r.encode(rows), r.encode(r.memory_windows[: r.size])
+    expected = torch.cdist(query, fresh).pow(2).topk(r.top_k, largest=False)
+    assert torch.equal(found.indices, expected.indices)
+    torch.testing.assert_close(found.similarity, torch.exp(-expected.values), atol=1e-5, rtol=1e-4)
+    assert torch.equal(r.memory_keys, stale) and r.forward_count == 0
+    stale_order = torch.cdist(query, stale[: r.size]).pow(2).topk(r.top_k, largest=False)
+    assert not torch.equal(stale_order.indices, found.indices)  # stale keys would rank others
+
+    with torch.no_grad():  # new weights loaded in eval mode: evaluation encodes anew
+        state = {k: v + 0.05 if "value.mlp" in k else v for k, v in gram.state_dict().items()}
+    gram.load_state_dict(state)
+    with torch.no_grad():
+        query, fresh = r.encode(rows), r.encode(r.memory_windows[: r.size])
+    again = torch.cdist(query, fresh).pow(2).topk(r.top_k, largest=False)
+    assert torch.equal(r.retrieve(rows).indices, again.indices)
+
+
 def test_training_without_query_positions_warns() -> None:
     gram = make_gram(32, 8).train()
     series = training_series(32, 8)
@@ -367,9 +403,20 @@ def test_no_leakage_on_real_etth1_training_windows(etth1_path) -> None:
             & (q_start < mem[..., 2])
         )
 
-    assert overlapping(r.retrieve(rows)).any()  # the leak is real without the mask
+    def into_horizon(found) -> torch.Tensor:
+        """Items of any channel whose rows reach into the query's forecast horizon."""
+        mem = r.memory_positions[found.indices.clamp_min(0)]
+        q_start = positions[:, None, 1]
+        q_end = q_start + seq_len + pred_len
+        return found.valid & (mem[..., 1] < q_end) & (q_start + seq_len < mem[..., 2])
+
+    unmasked = r.retrieve(rows)
+    assert overlapping(unmasked).any()  # the leak is real without the mask
+    other_channel = into_horizon(unmasked) & ~overlapping(unmasked)
+    assert other_channel.any()  # ... through correlated channels of the same dates too
     masked = r.retrieve(rows, positions)
     assert masked.valid.all() and not overlapping(masked).any()
+    assert not into_horizon(masked).any()
 
 
 def test_gate_losses_have_finite_gradients_when_some_items_are_masked():

@@ -45,6 +45,9 @@ def test_shape_trace_notebook_writes_the_shape_and_parameter_tables(repo_root, t
     ]
     assert modules.loc["gram", "buffers"] > 0  # the memory bank
 
+    # TAPR's class shares on the training split, under its auto thresholds
+    assert "auto (training quantiles)" in json.dumps(outputs) and "strong up" in json.dumps(outputs)
+
     types = mime_types(outputs)
     assert "application/vnd.jupyter.widget-view+json" in types  # the explorer
     assert types.count("text/html") >= 4  # static tables, and the explorer's first drawing
@@ -71,20 +74,33 @@ def test_ablation_notebook_trains_every_variant_and_writes_its_tables(repo_root,
     assert len(summary) == len(variants) and (summary["n"] == 1).all()
     assert summary["mse"].str.fullmatch(r"\d+\.\d{4} ± \d+\.\d{4}").all()
 
-    aux = pd.read_csv(root / "aux_check.csv")
-    assert set(aux["term"]) == {"aux_tapr", "aux_gram"} and aux["ok"].all()
+    aux = pd.read_csv(root / "aux_check.csv").fillna("")
+    parts = {f"gram_gate_{p} x lambda_retrieval" for p in ("entropy", "consistency")}
+    assert set(aux["term"]) == {"aux_tapr", "aux_gram"} | parts
+    assert aux[aux["term"].str.startswith("aux_")]["ok"].all()
+    # on the smoke run the entropy part stays ~0 (uniform item weights): the notebook says so
+    flagged = aux[~aux["ok"]]
+    assert set(flagged["note"]) <= {"near zero throughout the run"}
+    printed = json.dumps(outputs)
+    for row in flagged.itertuples():
+        assert f"{row.term} is near zero throughout the run" in printed
     assert len(pd.read_csv(root / "trend_accuracy.csv")) == 2  # +TAPR and full
 
     fusion = pd.read_csv(root / "fusion.csv")
     assert sorted(fusion["trained with"].unique()) == ["always", "train_only"]
-    assert len(fusion) == 4 and fusion["as configured"].sum() == 2
+    assert sorted(fusion["form"].unique()) == ["multiplicative", "reference"]  # both forms
+    assert len(fusion) == 6 and fusion["as configured"].sum() == 3
+    configured = fusion[fusion["as configured"]].set_index(["trained with", "form"])
+    assert configured["fusion at test"].to_dict() == {
+        ("always", "reference"): "on",
+        ("train_only", "reference"): "off",
+        ("always", "multiplicative"): "on",
+    }
 
     # accuracy against cost, from the smoke study the notebook ran (configs/studies/smoke.yaml)
     ran = json.loads((root / "study/results.json").read_text())
     assert [r["name"] for r in ran["rows"]] == ["dlinear", "timellm_tiny"]
     assert all(r["n"] == len(r["seeds"]) and r["trainable_params"] for r in ran["rows"])
-    configured = fusion[fusion["as configured"]].set_index("trained with")["fusion at test"]
-    assert configured.to_dict() == {"always": "on", "train_only": "off"}
 
     figures = {p.name for p in (root / "figures").iterdir()}
     expected = {"ablation_bars.png", "diagnostics.png", "accuracy_cost.png"}

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_helpers import TINY_MODEL
 
-from timellm_lib.config import Config
+from timellm_lib.config import Config, load_config
+from timellm_lib.data import build_datasets
 from timellm_lib.models.tapr import (
     DOWN,
     FLAT,
@@ -15,14 +17,20 @@ from timellm_lib.models.tapr import (
     UP,
     WEAK_DOWN,
     WEAK_UP,
+    CoarseToFineHead,
     MultiScaleDecomposition,
     apply_trend_fusion,
+    class_frequencies,
     fold_magnitude,
     fusion_adjustment,
     future_to_series,
     series_to_future,
+    training_changes,
     trend_labels,
 )
+from timellm_lib.tracing import trace_shapes
+from timellm_lib.training import train
+from timellm_lib.training.checkpoint import load_checkpoint
 
 D_MODEL, LLM_DIM = 16, 24
 
@@ -208,6 +216,15 @@ def test_trend_fusion_is_pure_and_maps_rows_to_channels() -> None:
     with pytest.raises(ValueError, match="does not fit"):
         apply_trend_fusion(pred, adjustment[:, :-1])
 
+    reference = torch.randn(batch * channels, generator=g)  # last input value of each row
+    fused = apply_trend_fusion(pred, adjustment, reference)
+    for b in range(batch):
+        for c in range(channels):
+            row = b * channels + c
+            distance = (pred[b, :, c] - reference[row]).abs()
+            expected = pred[b, :, c] + adjustment[row] * distance
+            torch.testing.assert_close(fused[b, :, c], expected)
+
 
 def test_fusion_adjustment_is_ramped_and_bounded() -> None:
     regression = torch.tensor([-50.0, -0.3, 0.0, 0.4, 50.0])
@@ -265,3 +282,36 @@ def test_head_learns_the_direction_of_clear_trends() -> None:
         total.backward()
         optimizer.step()
     assert diagnostics["tapr_direction_accuracy"] > 0.9
+
+
+def test_default_thresholds_spread_the_classes_of_real_etth1_training_series(etth1_path, tmp_path):
+    """The trainer sets auto thresholds from the training labels when a run starts (stored
+    in the checkpoint): on ETTh1 at seq 96 every direction holds about a third of the
+    training series and every magnitude class at least a sixth (the design's relative-change
+    values left 0.4% flat), and ``timellm trace`` reports those shares."""
+    overrides = [
+        "data.source=ett",
+        f"data.path={etth1_path}",
+        "data.seq_len=96",
+        "data.pred_len=24",
+        "data.batch_size=4",
+        "model.use_tapr=true",
+        "train.epochs=1",
+        "train.device=cpu",
+        *[f"model.{k}={v}" for k, v in TINY_MODEL.items()],
+    ]
+    cfg = load_config(overrides=overrides)
+    train(cfg, run_dir=tmp_path / "run", max_steps=1, progress=False)
+    weights = load_checkpoint(tmp_path / "run/checkpoints/step_00000001.pt")["model"]
+    head = CoarseToFineHead(8, 8)
+    head.threshold_base.data.copy_(weights["tapr.head.threshold_base"])
+    head.threshold_steps.data.copy_(weights["tapr.head.threshold_steps"])
+    datasets = build_datasets(cfg.data)
+    changes = training_changes(datasets.train)
+    shares = class_frequencies(changes, head.thresholds.detach())
+    assert all(0.3 < s < 0.37 for s in shares["direction"].values()), shares
+    assert all(s > 0.15 for s in shares["magnitude"].values()), shares
+
+    row = next(r for r in trace_shapes(cfg, batch_size=2) if r["stage"] == "TAPR labels")
+    assert row["shape"] == [changes.numel()]
+    assert "thresholds auto" in row["note"] and "flat 33." in row["note"]

@@ -20,7 +20,7 @@ from timellm_lib.training import trainer as trainer_module
 from timellm_lib.training.checkpoint import load_checkpoint, step_files
 from timellm_lib.training.early_stopping import EarlyStopping
 from timellm_lib.training.metrics_log import read_metrics
-from timellm_lib.training.schedulers import Schedule
+from timellm_lib.training.schedulers import Schedule, build_scheduler
 
 
 @pytest.mark.parametrize(
@@ -78,6 +78,14 @@ INTERRUPTIONS = {
             "train.eval_with_ema=true",
             "train.scheduler=type1",
         ],
+        9,
+    ),
+    "channel samples (one channel of one window each), mid epoch 1": (
+        ["data.sample_unit=channel", "data.batch_size=336"],
+        10,
+    ),
+    "published_type1 schedule (lr/25, beta1 0.95), mid epoch 1": (
+        ["train.scheduler=published_type1"],
         9,
     ),
 }
@@ -208,6 +216,49 @@ def test_schedules_follow_their_formulas():
     assert multipliers("onecycle", [0, 20, 100]) == pytest.approx([1 / 25, 1.0, 1 / 25 / 1e4])
     # rebuilt at global step 15 (mid epoch 1): the next halving is at the epoch-2 boundary
     assert multipliers("type1", [0, 4, 5], origin=15) == [1.0, 1.0, 0.5]
+
+
+def published_lr_and_beta1(lr: float, rule: str, epochs: int) -> list[tuple[float, float]]:
+    """(lr, beta1) of each epoch as the published run_main.py sets them: Adam, a OneCycleLR
+    built on it and never stepped, and after each epoch (0-based ``e``) its adjust rule with
+    ``epoch = e + 1``, whose base lr after epoch 0 is the optimizer's lr at that moment."""
+    optimizer = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=lr)
+    torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, steps_per_epoch=5, epochs=epochs)
+    group, base, seen = optimizer.param_groups[0], lr, []
+    for e in range(epochs):
+        seen.append((group["lr"], group["betas"][0]))
+        if e == 0:
+            base = group["lr"]
+        n = e + 1
+        group["lr"] = (
+            base * 0.5 ** (n - 1) if rule == "type1" else base * (1.0 if n < 3 else 0.9 ** (n - 3))
+        )
+    return seen
+
+
+@pytest.mark.parametrize("rule", ["type1", "type3"])
+def test_published_schedule_reproduces_run_main_lr_per_epoch(rule):
+    """The published code trains at lr/25 with beta1 0.95 (its OneCycleLR is built, never
+    stepped); published_<rule> gives that lr in every epoch, stepped like the trainer does."""
+    cfg = load_config(overrides=[f"train.scheduler=published_{rule}", "train.lr=0.01"])
+    optimizer = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=cfg.train.lr)
+    scheduler = build_scheduler(optimizer, cfg.train, train_steps=5, total_steps=50)
+    ours = []
+    for _ in range(10):
+        ours.append((optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["betas"][0]))
+        for _ in range(5):
+            optimizer.step()
+            scheduler.step()
+    published = published_lr_and_beta1(0.01, rule, 10)
+    assert [b for _, b in ours] == [b for _, b in published] == [0.95] * 10
+    assert [lr for lr, _ in ours] == pytest.approx([lr for lr, _ in published], rel=1e-12)
+    if rule == "type1":
+        assert [lr for lr, _ in ours[:4]] == pytest.approx([4e-4, 4e-4, 2e-4, 1e-4])
+    plain = load_config(overrides=[f"train.scheduler={rule}", "train.lr=0.01"])
+    optimizer = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=0.01)
+    build_scheduler(optimizer, plain.train, train_steps=5, total_steps=50)
+    assert optimizer.param_groups[0]["lr"] == 0.01  # the plain rules stay available
+    assert optimizer.param_groups[0]["betas"][0] == 0.9
 
 
 def test_early_stopping_semantics_and_state():

@@ -7,7 +7,8 @@ A study has three parts, each a set of training runs repeated over seeds:
   llm2trsf) and DLinear;
 - ``sensitivity``: one variant with one setting changed per run (``n_scales``, ``top_k``,
   ``lambda_trend``, ``lambda_retrieval``, or any dotted config key);
-- ``fusion``: one TAPR variant trained with each ``model.fusion`` mode.
+- ``fusion``: one TAPR variant trained with each ``model.fusion`` mode, written ``mode`` or
+  ``mode+form`` to choose ``model.fusion_form`` too (``always+multiplicative``).
 
 :func:`build_plan` resolves and validates every run's config before anything trains, and
 runs whose resolved configs are identical are trained once (the full variant at the default
@@ -140,7 +141,8 @@ def build_plan(
     ``overrides`` apply to every run, before the variant's own (so a variant stays what its
     name says). ``sensitivity`` maps a setting (``top_k`` means ``model.top_k``; dotted keys
     are taken as they are) to its values, each a run of ``sensitivity_variant`` per seed.
-    ``fusion_modes`` are ``model.fusion`` values, each a run of ``fusion_variant`` per seed.
+    ``fusion_modes`` are ``model.fusion`` values, optionally ``+`` a ``model.fusion_form``
+    (``always+multiplicative``), each a run of ``fusion_variant`` per seed.
     """
     if not seeds:
         raise WorkbenchError("seeds is empty; give at least one seed, e.g. [2021]")
@@ -186,9 +188,10 @@ def build_plan(
             for value in values:
                 extra = [f"{key}={_yaml(value)}"]
                 add("sensitivity", _variant(sensitivity_variant), seed, param, value, extra)
-        for mode in fusion_modes:
-            variant = _variant(fusion_variant)
-            add("fusion", variant, seed, "fusion", mode, [f"model.fusion={_yaml(mode)}"])
+        for value in fusion_modes:
+            mode, _, form = str(value).partition("+")
+            extra = [f"model.fusion={_yaml(mode)}", *([f"model.fusion_form={form}"] * bool(form))]
+            add("fusion", _variant(fusion_variant), seed, "fusion", value, extra)
     plan = Plan(root, planned, pd.DataFrame(entries, columns=ENTRY_COLUMNS))
     if fusion_modes:
         first = plan.runs[plan.entries[plan.entries["study"] == "fusion"]["run"].iloc[0]]
@@ -354,36 +357,76 @@ def aux_terms(events: pd.DataFrame) -> list[str]:
     return [c for c in events.columns if c.startswith("aux_") and c != "aux_warmup"]
 
 
+# the two parts of GRA-M's aux loss as train events log them (GRAM.loss, unweighted)
+GRAM_LOSS_PARTS = ("gram_gate_entropy", "gram_gate_consistency")
+AUX_COLUMNS = ["variant", "seed", "term", "steps", "aux", "mse", "aux / mse", "ok", "note"]
+
+
 def aux_loss_check(
     plan: Plan, results: pd.DataFrame, early_events: int = 3, min_ratio: float = 0.01
 ) -> pd.DataFrame:
-    """Is each auxiliary loss clearly above zero early in training?
+    """Is each auxiliary loss clearly above zero early in training, and does each part of
+    GRA-M's gate loss ever matter?
 
     For every TAPR or GRA-M run of the variants study: the mean of each logged aux term
     (lambda-weighted, before the warm-up factor) and of the MSE over the first
     ``early_events`` train events, their ratio, and ``ok`` when the ratio is at least
-    ``min_ratio``. An aux loss that is ~0 from the start would train nothing.
+    ``min_ratio``. An aux loss that is ~0 from the start would train nothing. GRA-M's total
+    can pass while one of its two parts (entropy and consistency of the item weights, about
+    0.01 at initialisation) stays ~0: each part (times ``lambda_retrieval``) gets a row over
+    the whole run, ``ok`` when it reaches ``min_ratio`` x the MSE in some train event, and
+    the note ``near zero throughout`` when it never does.
     """
     rows = []
     for entry in _enhanced_entries(plan, results):
-        events = train_events(plan.runs[entry.run].run_dir).head(early_events)
+        every = train_events(plan.runs[entry.run].run_dir)
+        events = every.head(early_events)
+        row = {"variant": entry.label, "seed": entry.seed}
         for term in aux_terms(events):
             aux, mse = float(events[term].mean()), float(events["mse"].mean())
+            ok = aux / mse >= min_ratio
             rows.append(
-                {
-                    "variant": entry.label,
-                    "seed": entry.seed,
+                row
+                | {
                     "term": term,
                     "steps": _step_span(events),
                     "aux": aux,
                     "mse": mse,
                     "aux / mse": aux / mse,
-                    "ok": aux / mse >= min_ratio,
+                    "ok": ok,
+                    "note": "" if ok else "near zero early in training",
                 }
             )
-    return pd.DataFrame(
-        rows, columns=["variant", "seed", "term", "steps", "aux", "mse", "aux / mse", "ok"]
-    )
+        weight = plan.runs[entry.run].resolve().model.lambda_retrieval
+        for part in [c for c in GRAM_LOSS_PARTS if c in every.columns]:
+            ratio = weight * every[part] / every["mse"]
+            ok = bool(ratio.max() >= min_ratio)
+            rows.append(
+                row
+                | {
+                    "term": f"{part} x lambda_retrieval",
+                    "steps": _step_span(every),
+                    "aux": weight * float(every[part].mean()),
+                    "mse": float(every["mse"].mean()),
+                    "aux / mse": float(ratio.mean()),
+                    "ok": ok,
+                    "note": "" if ok else "near zero throughout the run",
+                }
+            )
+    return pd.DataFrame(rows, columns=AUX_COLUMNS)
+
+
+def aux_check_summary(aux: pd.DataFrame, min_ratio: float) -> str:
+    """What :func:`aux_loss_check` found, in sentences: the count, then every term that
+    fails, named, so a near-zero loss is said rather than lost in the table."""
+    lines = [f"{int(aux['ok'].sum())} of {len(aux)} auxiliary terms reach {min_ratio} x the MSE"]
+    for row in aux[~aux["ok"]].itertuples():
+        lines.append(
+            f"{row.variant} (seed {row.seed}): {row.term} is {row.note} (steps {row.steps}, "
+            f"mean {row.aux:.2g} against an MSE of {row.mse:.2g}): it gives its module almost "
+            "no gradient"
+        )
+    return "\n".join(lines)
 
 
 def trend_accuracy(plan: Plan, results: pd.DataFrame, events_per_end: int = 3) -> pd.DataFrame:
@@ -466,7 +509,8 @@ def fusion_comparison(plan: Plan, results: pd.DataFrame, device: str = "cpu") ->
     so the two train alike; at validation and test ``train_only`` switches it off, so its
     test forecasts come from a different function than the one training optimised. The
     ``as configured`` row of a run is the score its mode reports (``eval_test.json``); the
-    other row is a re-evaluation of the same weights with fusion switched.
+    other row is a re-evaluation of the same weights with fusion switched. ``form`` is the
+    run's ``model.fusion_form`` (reference or the design's multiplicative form).
     """
     from timellm_lib.inference import evaluate_loaded, load_for_inference
 
@@ -474,7 +518,9 @@ def fusion_comparison(plan: Plan, results: pd.DataFrame, device: str = "cpu") ->
     fusion = results[(results["study"] == "fusion") & results["finished"]]
     for entry in fusion.itertuples():
         best = plan.runs[entry.run].run_dir / "checkpoints" / "best.pt"
-        configured = "on" if entry.param_value == "always" else "off"
+        trained_with = str(entry.param_value).partition("+")[0]
+        form = plan.runs[entry.run].resolve().model.fusion_form
+        configured = "on" if trained_with == "always" else "off"
         switched = "off" if configured == "on" else "on"
         mode = "always" if switched == "on" else "off"
         loaded = load_for_inference(best, device, overrides=[f"model.fusion={_yaml(mode)}"])
@@ -483,7 +529,8 @@ def fusion_comparison(plan: Plan, results: pd.DataFrame, device: str = "cpu") ->
         for applied, scores in ((configured, own), (switched, other)):
             rows.append(
                 {
-                    "trained with": entry.param_value,
+                    "trained with": trained_with,
+                    "form": form,
                     "seed": entry.seed,
                     "fusion at test": applied,
                     "as configured": applied == configured,
@@ -492,5 +539,6 @@ def fusion_comparison(plan: Plan, results: pd.DataFrame, device: str = "cpu") ->
                 }
             )
     return pd.DataFrame(
-        rows, columns=["trained with", "seed", "fusion at test", "as configured", "mse", "mae"]
+        rows,
+        columns=["trained with", "form", "seed", "fusion at test", "as configured", "mse", "mae"],
     )

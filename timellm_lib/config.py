@@ -10,6 +10,7 @@ stored in each checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,9 @@ class DataConfig:
     split: tuple[float, float, float] = (0.7, 0.1, 0.2)  # generic CSV train/val/test fractions
     synthetic_rows: int = 17420
     synthetic_seed: int = 0
+    # a training sample: a whole window (all channels) or, as the published ETT loader, one
+    # channel of one window (batch_size then counts univariate series; features M or S)
+    sample_unit: Literal["window", "channel"] = "window"
     batch_size: int = 8
     eval_batch_size: int = 32
     # validation windows scored at each validation: 0 all; N a fixed subset of N windows,
@@ -86,9 +90,14 @@ class ModelConfig:
     max_memory_size: int = 10000
     memory_windows: int = 5000
     fusion: Literal["train_only", "always", "off"] = "always"
-    # TAPR magnitude thresholds t1 < t2 < t3 < t4 on the relative change over the horizon
-    # (learnable, these are the initial values); see timellm_lib.models.tapr for the label scale
-    trend_thresholds: tuple[float, float, float, float] = (-0.02, -0.005, 0.005, 0.02)
+    # reference: move the forecast by adj x its distance from the last input value (the trend
+    # labels' reference), so an up trend never lowers it; multiplicative: the design's
+    # pred * (1 + adj) around the window mean (direction depends on the forecast's sign)
+    fusion_form: Literal["reference", "multiplicative"] = "reference"
+    # TAPR thresholds t1 < t2 < t3 < t4 on the change over the horizon in units of the window's
+    # mean absolute deviation (learnable; initial values). auto: the 1/6, 1/3, 2/3, 5/6
+    # quantiles of the training split's labels, set when training starts (timellm_lib.models.tapr)
+    trend_thresholds: tuple[float, float, float, float] | Literal["auto"] = "auto"
     llm_ablation: Literal["none", "no_llm", "llm2attn", "llm2trsf"] = "none"
 
 
@@ -98,7 +107,17 @@ class TrainConfig:
     lr: float = 1e-3
     optimizer: Literal["adam", "adamw"] = "adam"
     weight_decay: float = 0.0
-    scheduler: Literal["constant", "step", "cosine", "onecycle", "type1", "type3"] = "constant"
+    # published_type1/3: run_main.py's lr as it really runs (lr/25, beta1 0.95; see schedulers)
+    scheduler: Literal[
+        "constant",
+        "step",
+        "cosine",
+        "onecycle",
+        "type1",
+        "type3",
+        "published_type1",
+        "published_type3",
+    ] = "constant"
     step_size: int = 1  # epochs between decays of the step scheduler
     gamma: float = 0.5
     pct_start: float = 0.2  # onecycle warm-up fraction
@@ -258,6 +277,14 @@ def _build_section(section: str, cls: type, values: dict[str, Any]) -> Any:
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):  # the first alternative that takes the value
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(" or ".join(errors))
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
@@ -359,6 +386,11 @@ def validate(cfg: Config) -> None:
     )
     need(0 < d.percent <= 100, f"data.percent = {d.percent} must be in 1..100")
     need(
+        d.sample_unit == "window" or d.features != "MS",
+        "data.sample_unit = channel makes every sample one channel, but features MS forecasts "
+        "the target from all channels of a window; use data.sample_unit=window or features M",
+    )
+    need(
         abs(sum(d.split) - 1.0) < 1e-6 and all(s > 0 for s in d.split),
         f"data.split = {list(d.split)} must be three positive fractions that add up to 1",
     )
@@ -371,7 +403,7 @@ def validate(cfg: Config) -> None:
         f"model.memory_windows = {m.memory_windows} exceeds model.max_memory_size = "
         f"{m.max_memory_size}",
     )
-    thresholds = list(m.trend_thresholds)
+    thresholds = [] if m.trend_thresholds == "auto" else list(m.trend_thresholds)
     need(
         thresholds == sorted(set(thresholds)),
         f"model.trend_thresholds = {thresholds} must be strictly increasing (t1 < t2 < t3 < t4)",
@@ -397,6 +429,17 @@ def check_llm_dim(cfg: Config, llm_dim: int) -> None:
             f"model.d_ff = {cfg.model.d_ff} exceeds the backbone width llm_dim = {llm_dim} of "
             f"{cfg.model.backbone!r}; set model.d_ff to at most {llm_dim}"
         )
+
+
+# Keys added after checkpoints were first written, with the value those checkpoints were
+# trained with where the new default behaves differently (model.fusion_form: issue 13).
+CHECKPOINT_DEFAULTS: dict[str, dict[str, Any]] = {"model": {"fusion_form": "multiplicative"}}
+
+
+def checkpoint_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's stored config with the keys it predates filled in as it was trained,
+    so an older checkpoint keeps computing what it computed."""
+    return _merge(CHECKPOINT_DEFAULTS, saved)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

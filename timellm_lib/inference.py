@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from timellm_lib.backbones import BackboneError
-from timellm_lib.config import Config, load_config
+from timellm_lib.config import Config, checkpoint_config, load_config
 from timellm_lib.data import Datasets, Scaler, build_datasets, read_series
 from timellm_lib.data.loaders import scale_to_float32
 from timellm_lib.data.windows import DataError
@@ -122,7 +122,7 @@ def load_for_inference(
     """
     path, chosen = Path(path), _device(device)
     payload = load_checkpoint(path)
-    cfg = load_config(extra=payload["config"], overrides=overrides)
+    cfg = load_config(extra=checkpoint_config(payload["config"]), overrides=overrides)
     data, datasets = payload.get("data"), None
     if data is None:  # written before checkpoints stored the scaler and channel names
         datasets = _training_data(cfg, path, "to rebuild its scaler and channel names")
@@ -131,7 +131,10 @@ def load_for_inference(
     model = _build(cfg, len(columns_in), len(columns_out), path, payload.get("backbone") or {})
     state, weights = payload["model"], "model"
     if payload.get("kind") != "best" and cfg.train.eval_with_ema and payload.get("ema"):
-        state, weights = {**state, **payload["ema"]["shadow"]}, "ema"
+        # averaged parameters only: older checkpoints also averaged buffers (GRA-M memory)
+        params = dict(model.named_parameters())
+        shadow = {n: t for n, t in payload["ema"]["shadow"].items() if n in params}
+        state, weights = {**state, **shadow}, "ema"
     load_model_weights(model, state)
     model.to(chosen).eval()
     return Loaded(

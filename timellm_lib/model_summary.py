@@ -18,7 +18,7 @@ from torch import nn
 from timellm_lib.config import Config, load_config
 from timellm_lib.errors import WorkbenchError
 from timellm_lib.models import build_model
-from timellm_lib.tracing import trace_shapes
+from timellm_lib.tracing import trace_shapes, trend_classes
 
 PARAMETER_COLUMNS = ["module", "type", "trainable", "frozen", "buffers", "in_checkpoint"]
 SHAPE_COLUMNS = ["stage", "module", "shape", "note"]
@@ -173,3 +173,19 @@ class ShapeExplorer:
     def redraw(self, _change: Any = None) -> None:
         for handle, table in zip(self._handles, self.tables(), strict=True):
             handle.update(table)
+
+
+def trend_class_table(cfg: Config) -> pd.DataFrame:
+    """TAPR's trend classes on the training split: one row per class with its share of the
+    training series under the thresholds training starts from (empty when TAPR is off)."""
+    if not cfg.model.use_tapr:
+        return pd.DataFrame(columns=["head", "class", "share", "thresholds"])
+    classes = trend_classes(cfg)
+    thresholds = f"{classes['source']}: " + ", ".join(f"{t:.3g}" for t in classes["thresholds"])
+    return pd.DataFrame(
+        [
+            {"head": head, "class": name, "share": round(share, 4), "thresholds": thresholds}
+            for head in ("direction", "magnitude")
+            for name, share in classes[head].items()
+        ]
+    )

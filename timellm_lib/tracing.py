@@ -17,14 +17,18 @@ import torch
 from torch import Tensor, nn
 
 from timellm_lib.config import Config
+from timellm_lib.data.windows import DataError
 from timellm_lib.models import as_forecast, build_model
+from timellm_lib.models.tapr import class_frequencies, quantile_thresholds, training_changes
 
 
 def trace_shapes(cfg: Config, batch_size: int = 32, n_channels: int | None = None) -> list[dict]:
     """Rows ``{"stage", "module", "shape", "note"}`` of one forward pass, in execution order.
 
     The input is random [batch_size, seq_len, n_in] with n_in = n_channels (default 7) for
-    features M and MS and 1 for S. The caller's random state is left untouched.
+    features M and MS and 1 for S. The caller's random state is left untouched. With TAPR
+    on, a row ``TAPR labels`` after the trend token gives the class shares of the training split
+    (:func:`trend_classes`).
     """
     n_channels = 7 if n_channels is None else n_channels
     features = cfg.data.features
@@ -33,7 +37,49 @@ def trace_shapes(cfg: Config, batch_size: int = 32, n_channels: int | None = Non
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = build_model(cfg, n_in, n_out)
-        return trace_model(model, torch.randn(batch_size, cfg.data.seq_len, n_in))
+        rows = trace_model(model, torch.randn(batch_size, cfg.data.seq_len, n_in))
+    if cfg.model.use_tapr:  # right after the trend head's token
+        after = max(i for i, row in enumerate(rows) if row["stage"] == "Trend Token")
+        rows.insert(after + 1, _trend_class_row(cfg))
+    return rows
+
+
+def trend_classes(cfg: Config) -> dict[str, Any]:
+    """TAPR's label classes on the training split of ``cfg``'s data: the thresholds training
+    starts from (``auto``: quantiles of these labels) and the share of the training series
+    in each direction and magnitude class. Raises DataError when the data cannot be read."""
+    from timellm_lib.data import build_datasets
+
+    changes = training_changes(build_datasets(cfg.data).train)
+    auto = cfg.model.trend_thresholds == "auto"
+    thresholds = quantile_thresholds(changes) if auto else cfg.model.trend_thresholds
+    return {
+        "thresholds": [float(t) for t in thresholds],
+        "source": "auto (training quantiles)" if auto else "configured",
+        "series": changes.numel(),
+        **class_frequencies(changes, torch.tensor(thresholds)),
+    }
+
+
+def _trend_class_row(cfg: Config) -> dict:
+    """The trace row of :func:`trend_classes` (its note says why when there is no data)."""
+    try:
+        classes = trend_classes(cfg)
+    except DataError as err:
+        note = f"class shares need the training data: {err}"
+        return {"stage": "TAPR labels", "module": "tapr.head", "shape": [], "note": note}
+    shares = "; ".join(
+        ", ".join(f"{name} {share:.1%}" for name, share in classes[kind].items())
+        for kind in ("direction", "magnitude")
+    )
+    thresholds = ", ".join(f"{t:.3g}" for t in classes["thresholds"])
+    note = f"thresholds {classes['source']} [{thresholds}]: {shares}"
+    return {
+        "stage": "TAPR labels",
+        "module": "tapr.head",
+        "shape": [classes["series"]],
+        "note": note,
+    }
 
 
 def trace_model(model: nn.Module, x: Tensor) -> list[dict]:

@@ -37,6 +37,7 @@ from matplotlib.figure import Figure
 
 from timellm_lib import anatomy, plots
 from timellm_lib.config import Config, load_config
+from timellm_lib.data.windows import training_samples
 from timellm_lib.errors import WorkbenchError
 from timellm_lib.evaluation import evaluate
 from timellm_lib.inference import load_for_inference
@@ -115,7 +116,8 @@ def prepare_root(root: str | Path) -> Path:
 
 def train_steps_of(cfg: Config, datasets: Any) -> int:
     """Optimizer steps per epoch, as the trainer computes them (see :func:`epoch_arithmetic`)."""
-    return len(datasets.train) // cfg.data.batch_size // cfg.train.grad_accum
+    samples = training_samples(datasets.train, cfg.data.sample_unit)
+    return len(samples) // cfg.data.batch_size // cfg.train.grad_accum
 
 
 def check_parameters(

@@ -14,9 +14,16 @@ from timellm_lib.data.loaders import (
 )
 from timellm_lib.data.synthetic import ensure_synthetic_csv, generate_synthetic
 from timellm_lib.data.timefeatures import time_features
-from timellm_lib.data.windows import DataError, Scaler, WindowDataset
+from timellm_lib.data.windows import (
+    ChannelWindows,
+    DataError,
+    Scaler,
+    WindowDataset,
+    training_samples,
+)
 
 __all__ = [
+    "ChannelWindows",
     "DataError",
     "Datasets",
     "Scaler",
@@ -27,5 +34,6 @@ __all__ = [
     "read_series",
     "split_borders",
     "time_features",
+    "training_samples",
     "uses_ett_borders",
 ]

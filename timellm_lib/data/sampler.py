@@ -5,6 +5,9 @@ and batch ``b`` is ``perm[b * batch_size:(b + 1) * batch_size]``. Nothing depend
 drawn before, so a run resumed at batch ``b`` of epoch ``e`` starts there directly, without
 loading (or even indexing) the batches before it: resume cost does not grow with the position.
 The last incomplete batch is dropped, which keeps the number of batches per epoch fixed.
+A sample is a whole window (every channel) or, with ``data.sample_unit = channel``, one
+channel of one window (:class:`~timellm_lib.data.windows.ChannelWindows`, the published ETT
+loader's unit); the arithmetic is the same over either, and ``batch_size`` counts samples.
 
 In a distributed run of ``K`` processes ``batch_size`` is the *global* batch: every process
 computes the same permutation, and rank ``r`` takes the contiguous rows
@@ -35,7 +38,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 Batch = tuple[Tensor, Tensor]
-IndexedBatch = tuple[Tensor, Tensor, Tensor]  # x, y and the windows' indices in the dataset
+IndexedBatch = tuple[Tensor, Tensor, Tensor]  # x, y and where the samples lie (sample_positions)
 
 
 class Windows(Protocol):
@@ -66,6 +69,13 @@ def fetch_batch(dataset: Windows, idx: Tensor) -> Batch:
     return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
 
 
+def sample_positions(dataset: Windows, idx: Tensor) -> Tensor:
+    """Where samples ``idx`` lie in the split: window starts [B] (a window sample is every
+    channel of one window), or (channel, start) [B, 2] for a dataset of single channels
+    (``ChannelWindows.positions``)."""
+    return dataset.positions(idx) if hasattr(dataset, "positions") else idx
+
+
 class _BatchFetcher(TorchDataset):
     """A dataset whose items are whole batches, addressed by their index tensors."""
 
@@ -73,7 +83,7 @@ class _BatchFetcher(TorchDataset):
         self.dataset = dataset
 
     def __getitem__(self, idx: Tensor) -> IndexedBatch:
-        return (*fetch_batch(self.dataset, idx), idx)
+        return (*fetch_batch(self.dataset, idx), sample_positions(self.dataset, idx))
 
 
 class _SeedWorker:
@@ -131,11 +141,15 @@ class ResumableLoader:
         ]
 
     def epoch(self, epoch: int, start: int = 0, stop: int | None = None) -> Iterator[IndexedBatch]:
-        """The batches ``start`` to ``stop`` of ``epoch``, in order, with their window indices
-        (a retrieval model uses them to exclude the query's own neighbourhood)."""
+        """The batches ``start`` to ``stop`` of ``epoch``, in order, with their samples'
+        positions (:func:`sample_positions`; a retrieval model uses them to exclude the
+        query's own neighbourhood)."""
         indices = self.batch_indices(epoch, start, stop)
         if self.num_workers == 0:
-            return ((*fetch_batch(self.dataset, idx), idx) for idx in indices)
+            return (
+                (*fetch_batch(self.dataset, idx), sample_positions(self.dataset, idx))
+                for idx in indices
+            )
         loader = DataLoader(
             _BatchFetcher(self.dataset),
             batch_size=None,  # items are already batches

@@ -151,6 +151,16 @@ class WindowDataset(Dataset):
         idx = self._checked(idx)
         return self._x_windows[idx], self._y_windows[idx]
 
+    def channel_batch(self, starts: Tensor, channels: Tensor) -> tuple[Tensor, Tensor]:
+        """Channel ``channels[b]`` of window ``starts[b]``: x [B, seq_len], y [B, pred_len]."""
+        starts = self._checked(starts)
+        return self._x_windows[starts, :, channels], self._y_windows[starts, :, channels]
+
+    @property
+    def n_out(self) -> int:
+        """Output channels per window."""
+        return self._y.shape[1]
+
     def marks(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """Time features of history and future rows: [B, seq_len, F], [B, pred_len, F]."""
         idx = self._checked(idx)
@@ -188,6 +198,60 @@ class WindowDataset(Dataset):
             f"WindowDataset(split={self.split!r}, windows={self._n}, seq_len={self.seq_len}, "
             f"pred_len={self.pred_len}, in={self._x.shape[1]}, out={self._y.shape[1]})"
         )
+
+
+class ChannelWindows(Dataset):
+    """One channel of one window per sample (``data.sample_unit = channel``), as the
+    published ETT loader serves them: sample ``i`` is channel ``i // n`` of window ``i % n``
+    of the ``n`` windows, so a shuffled epoch mixes channels and ``data.batch_size`` counts
+    univariate series. x [seq_len, 1], y [pred_len, 1]; the i-th output channel must be the
+    i-th input channel (features M or S), which is what makes a channel a sample of its own.
+    """
+
+    def __init__(self, windows: WindowDataset) -> None:
+        n_in, n_out = windows.series().shape[1], windows.n_out
+        if n_in != n_out:
+            raise DataError(
+                f"channel samples need the same input and output channels, got {n_in} inputs "
+                f"and {n_out} outputs (features MS); use data.sample_unit=window"
+            )
+        self.windows = windows
+        self.split = windows.split
+        self.n_channels = n_in
+
+    def __len__(self) -> int:
+        return len(self.windows) * self.n_channels
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        x, y = self.get_batch(torch.tensor([i]))
+        return x[0], y[0]
+
+    def get_batch(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Samples ``idx`` [B] as x [B, seq_len, 1], y [B, pred_len, 1], one gather each."""
+        channel, start = self.positions(idx).unbind(-1)
+        x, y = self.windows.channel_batch(start, channel)
+        return x.unsqueeze(-1), y.unsqueeze(-1)
+
+    def positions(self, idx: Tensor) -> Tensor:
+        """[B, 2] (channel, window start) of samples ``idx``: where each series lies in the
+        split (a retrieval model masks memory entries by it)."""
+        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
+            raise IndexError(
+                f"sample indices must lie in [0, {len(self)}) for the {self.split} split; got "
+                f"min {int(idx.min())}, max {int(idx.max())}"
+            )
+        n = len(self.windows)
+        return torch.stack([idx // n, idx % n], dim=-1)
+
+    def __repr__(self) -> str:
+        return f"ChannelWindows({self.windows!r}, channels={self.n_channels})"
+
+
+def training_samples(train: WindowDataset, unit: str) -> WindowDataset | ChannelWindows:
+    """What the training sampler draws from: whole windows (``window``) or one channel of a
+    window per sample (``channel``, the published ETT loader's unit)."""
+    return ChannelWindows(train) if unit == "channel" else train
 
 
 def _windows(series: Tensor, offset: int, length: int, n: int) -> Tensor:

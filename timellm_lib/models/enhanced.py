@@ -13,10 +13,12 @@ the two module families sit between the patch embedding and the reprogramming:
    is ``[pad..., trend, retrieval, prompt, patches]``: padding first, so the mask-derived
    positions of the extra tokens and the prompt do not depend on how much a row is padded,
    and the patches stay the last P positions (1 + 2 + prompt + P tokens with both on).
-5. channel mix (MS), then trend fusion ``pred * (1 + adjustment)`` in normalised space, then
-   de-normalisation. ``model.fusion``: ``always`` (default), ``train_only`` (the published
-   design: only while training, so train-mode and eval-mode forecasts of the same weights
-   differ), ``off``. With fusion off the TAPR gate gets no gradient (nothing reads it).
+5. channel mix (MS), then trend fusion in normalised space (``model.fusion_form``:
+   ``reference``, the default, moves the forecast in the predicted direction by at most half
+   its distance from the last input value, the trend labels' reference; ``multiplicative``,
+   the design's ``pred * (1 + adjustment)``), then de-normalisation. ``model.fusion``:
+   ``always`` (default), ``train_only`` (the published design: only while training, so
+   train-mode and eval-mode forecasts of the same weights differ), ``off``. With fusion off the TAPR gate gets no gradient (nothing reads it).
 
 The LLM ablations (``model.llm_ablation``, see :mod:`timellm_lib.models.timellm`) combine
 with both modules: ``llm2attn``/``llm2trsf`` read the same token sequence as the LLM; with
@@ -30,7 +32,8 @@ baseline's parameters and gives the baseline's forecasts.
 
 Leakage: the memory holds windows and futures of the training split only. Training batches
 pass ``window_index`` (their window starts in the training series) so that a training window
-never retrieves an entry overlapping its own window or future. Validation and test batches
+never retrieves an entry overlapping its own window or future, nor an entry of any channel
+overlapping its forecast horizon (correlated channels share the dates' future). Validation and test batches
 pass none and need none: every row they forecast lies after the training split, so no memory
 entry contains their targets. Validation windows whose history reaches back into the last
 training rows may retrieve entries whose futures are part of that history, which the model
@@ -49,7 +52,14 @@ from timellm_lib.data.windows import WindowDataset
 from timellm_lib.models.gram import GRAM, GRAMOutput, query_positions_for
 from timellm_lib.models.layers import RevIN, Tap, channel_rows
 from timellm_lib.models.output import Forecast
-from timellm_lib.models.tapr import TAPR, TAPROutput, apply_trend_fusion
+from timellm_lib.models.tapr import (
+    DEFAULT_THRESHOLDS,
+    TAPR,
+    TAPROutput,
+    apply_trend_fusion,
+    quantile_thresholds,
+    training_changes,
+)
 from timellm_lib.models.timellm import TimeLLM
 
 TREND_TOKENS, RETRIEVAL_TOKENS = 1, 2
@@ -60,7 +70,8 @@ class EnhancedTimeLLM(TimeLLM):
 
     ``forward(x, y=None, window_index=None)``: ``y`` [B, pred_len, n_out] (dataset scale)
     turns on the auxiliary losses; ``window_index`` [B] (long), the window starts of a
-    training batch in the training series, masks overlapping memory entries (GRA-M).
+    training batch in the training series, or [B, 2] (channel, start) for a batch of single
+    channels (``data.sample_unit = channel``), masks overlapping memory entries (GRA-M).
     """
 
     def __init__(self, cfg: Config, n_in: int, n_out: int, target_index: int = -1) -> None:
@@ -76,7 +87,10 @@ class EnhancedTimeLLM(TimeLLM):
                 d.pred_len,
                 n_scales=m.n_scales,
                 n_heads=m.n_heads,
-                thresholds_init=m.trend_thresholds,
+                # auto: placeholders until init_trend_thresholds sees the training data
+                thresholds_init=DEFAULT_THRESHOLDS
+                if m.trend_thresholds == "auto"
+                else m.trend_thresholds,
             )
             self.trend_token = Tap()
             if m.fusion != "off":
@@ -89,6 +103,17 @@ class EnhancedTimeLLM(TimeLLM):
     def needs_window_index(self) -> bool:
         """True when training batches should pass ``window_index`` (GRA-M leakage mask)."""
         return self.cfg.model.use_gram
+
+    @property
+    def skips_parameters(self) -> bool:
+        """True when a training step leaves some trainable parameters without a gradient:
+        TAPR's fusion gate with ``model.fusion = off`` (nothing reads it), GRA-M's retriever
+        and gate with an empty memory (``build_memory = false`` or ``memory_windows = 0``).
+        A distributed run must then tell DDP to look for unused parameters."""
+        m = self.cfg.model
+        idle_gate = m.use_tapr and m.fusion == "off"
+        empty_memory = m.use_gram and (not m.build_memory or m.memory_windows == 0)
+        return idle_gate or empty_memory
 
     @property
     def fusion_active(self) -> bool:
@@ -117,6 +142,17 @@ class EnhancedTimeLLM(TimeLLM):
         series = train.series() if isinstance(train, WindowDataset) else train
         return self.gram.build_memory(series, m.memory_windows, generator)
 
+    def init_trend_thresholds(self, train: WindowDataset) -> tuple[float, ...] | None:
+        """``model.trend_thresholds = auto``: set TAPR's thresholds to quantiles of the
+        training split's labels (see :mod:`timellm_lib.models.tapr`) and return them; None
+        when TAPR is off or the thresholds are configured. Call it once on a fresh start:
+        the thresholds are parameters, so a resumed run gets them from the checkpoint."""
+        if not (self.cfg.model.use_tapr and self.cfg.model.trend_thresholds == "auto"):
+            return None
+        values = quantile_thresholds(training_changes(train, self.target_index))
+        self.tapr.head.set_thresholds(values)
+        return values
+
     # -------------------------------------------------------------------------- tracing
 
     def trace_stages(self) -> dict[str, tuple[str, str]]:
@@ -142,7 +178,11 @@ class EnhancedTimeLLM(TimeLLM):
             if path == "patch_embedding":
                 stages.update(extra)
         if hasattr(self, "trend_fusion"):
-            stages["trend_fusion"] = ("Trend Fusion", f"fusion={m.fusion}: pred * (1 + adj)")
+            formula = {
+                "reference": "pred + adj * |pred - last input|",
+                "multiplicative": "pred * (1 + adj)",
+            }[m.fusion_form]
+            stages["trend_fusion"] = ("Trend Fusion", f"fusion={m.fusion}: {formula}")
         return stages
 
     def _llm_input_note(self) -> str:
@@ -168,7 +208,9 @@ class EnhancedTimeLLM(TimeLLM):
         if self.cfg.model.use_gram:
             positions = None
             if window_index is not None:
-                positions = query_positions_for(window_index.to(x.device), self.n_in)
+                positions = window_index.to(x.device)
+                if positions.dim() == 1:  # window starts: every channel of each window
+                    positions = query_positions_for(positions, self.n_in)
             retrieved = self.gram(tokens, channel_rows(x), positions)
             tokens = retrieved.patch_out
             prefix.append(self.retrieval_tokens(retrieved.retrieval_tokens))
@@ -176,7 +218,10 @@ class EnhancedTimeLLM(TimeLLM):
         pred, mean, std = self.to_channels(rows, x.shape[0], mean, std)
         if trend is not None and self.fusion_active:
             adjustment = self._output_rows(trend.adjustment, x.shape[0])
-            pred = self.trend_fusion(apply_trend_fusion(pred, adjustment))
+            reference = None
+            if self.cfg.model.fusion_form == "reference":  # the labels' reference point
+                reference = self._output_rows(series[:, -1], x.shape[0])
+            pred = self.trend_fusion(apply_trend_fusion(pred, adjustment, reference))
         forecast = Forecast(pred=RevIN.denormalize(pred, mean, std))
         if y is not None:
             self._auxiliary(forecast, series, (y - mean) / std, trend, retrieved)

@@ -30,7 +30,10 @@ Conventions the composer must follow:
   too, and the keys are re-encoded every ``refresh_every`` training forward passes (a
   counter buffer, so a resumed run refreshes at the same steps). Between refreshes the
   memory keys lag the query encoder by at most ``refresh_every`` steps, which is cheap and
-  bounded, unlike re-encoding the whole memory at every step.
+  bounded, unlike re-encoding the whole memory at every step. Evaluation (eval mode) does
+  not lag: it re-encodes the stored windows with the current encoders once, at its first
+  forward pass after the module entered eval mode or loaded weights, and keeps those keys
+  outside the state (the stored keys, and so a resumed run, are untouched).
 """
 
 from __future__ import annotations
@@ -251,6 +254,7 @@ class PVDR(nn.Module):
         self.register_buffer("memory_positions", torch.zeros(cap, 3, dtype=torch.long))
         self.register_buffer("memory_size", torch.zeros((), dtype=torch.long))
         self.register_buffer("forward_count", torch.zeros((), dtype=torch.long))
+        self._eval_keys: Tensor | None = None  # keys of the current encoders, eval mode only
 
     @property
     def capacity(self) -> int:
@@ -271,7 +275,13 @@ class PVDR(nn.Module):
 
     # -- building the memory
 
+    def train(self, mode: bool = True) -> PVDR:
+        """Switching modes drops the evaluation keys: the next evaluation encodes anew."""
+        self._eval_keys = None
+        return super().train(mode)
+
     def clear_memory(self) -> None:
+        self._eval_keys = None
         for buf in (
             self.memory_keys,
             self.memory_values,
@@ -323,6 +333,7 @@ class PVDR(nn.Module):
         self.memory_positions[rows] = torch.cat([positions, positions[:, 1:] + extent], dim=-1)
         self.memory_keys[rows] = self._encode_chunked(windows)
         self.memory_size.fill_(start + n)
+        self._eval_keys = None
 
     @torch.no_grad()
     def build_memory(
@@ -389,9 +400,12 @@ class PVDR(nn.Module):
     def retrieve(self, series: Tensor, query_positions: Tensor | None = None) -> Retrieval:
         """Top-k memory items for each query window ``[BN, seq_len]``.
 
-        ``query_positions [BN, 2]`` (channel, start) marks training queries: any memory entry
-        of the same channel whose extent overlaps the query's ``[start, start + seq_len +
-        pred_len)`` is masked *before* top-k, so a query never sees (part of) its own future.
+        ``query_positions [BN, 2]`` (channel, start) marks training queries, and masks
+        *before* top-k every memory entry that overlaps the query's forecast horizon
+        ``[start + seq_len, start + seq_len + pred_len)`` in any channel (channels of one
+        series move together, so another channel's future of the same dates leaks the
+        target), and every entry of the query's own channel that overlaps its window or
+        horizon (a shifted copy of itself).
         """
         rows, k = series.shape[0], self.top_k
         if self.training and self.refresh_every > 0 and self.size:
@@ -408,7 +422,7 @@ class PVDR(nn.Module):
                 indices=torch.full((rows, k), -1, dtype=torch.long, device=series.device),
             )
         query = self.encode(series)
-        keys = self.memory_keys[: self.size]
+        keys = self._current_keys()
         dist = (
             query.pow(2).sum(-1, keepdim=True) + keys.pow(2).sum(-1) - 2 * query @ keys.T
         ).clamp_min(0)
@@ -430,8 +444,20 @@ class PVDR(nn.Module):
             indices=indices,
         )
 
+    def _current_keys(self) -> Tensor:
+        """Training: the stored keys (refreshed every ``refresh_every`` passes, part of the
+        resumable state). Evaluation: the stored windows encoded by the current encoders,
+        once per evaluation (see the module docstring)."""
+        if self.training:
+            return self.memory_keys[: self.size]
+        if self._eval_keys is None or self._eval_keys.device != self.memory_windows.device:
+            with torch.no_grad():
+                self._eval_keys = self._encode_chunked(self.memory_windows[: self.size])
+        return self._eval_keys
+
     def _overlaps(self, query_positions: Tensor) -> Tensor:
-        """``[BN, M]`` True where memory entry m shares rows of the same channel with query q."""
+        """``[BN, M]`` True where memory entry m overlaps query q's horizon (any channel) or
+        its window (same channel)."""
         if query_positions.dim() != 2 or query_positions.shape[1] != 2:
             raise ValueError(
                 f"query_positions must be [B*N, 2] (channel, start), got {tuple(query_positions.shape)}; "
@@ -442,7 +468,9 @@ class PVDR(nn.Module):
         q_end = q_start + self.seq_len + self.pred_len
         m = self.memory_positions[: self.size]
         m_channel, m_start, m_end = m[:, 0], m[:, 1], m[:, 2]
-        return (q_channel == m_channel) & (m_start < q_end) & (q_start < m_end)
+        reaches_end = m_start < q_end
+        into_horizon = reaches_end & (q_start + self.seq_len < m_end)
+        return into_horizon | ((q_channel == m_channel) & reaches_end & (q_start < m_end))
 
     # -- checkpoints
 
@@ -476,6 +504,7 @@ class PVDR(nn.Module):
                 f"module has {want} ({hint}); build the module with the checkpoint's settings or "
                 "rebuild the memory"
             )
+        self._eval_keys = None  # new weights or memory: evaluation encodes anew
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

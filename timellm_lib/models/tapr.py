@@ -10,7 +10,7 @@ lives at coarser scales. TAPR makes it explicit in two parts:
 * :class:`CoarseToFineHead` (TAPR-C2F) predicts the trend hierarchically: direction (up /
   down / flat), magnitude (strong/weak up/down) and a regression of the relative change,
   turns the predicted trend class into one extra LLM token and into a bounded, ramped
-  multiplicative adjustment of the forecast (see :func:`apply_trend_fusion`).
+  adjustment of the forecast in the predicted direction (see :func:`apply_trend_fusion`).
 
 :class:`TAPR` runs both; :meth:`TAPR.loss` trains the head on labels taken from the true
 future (:func:`trend_labels`).
@@ -25,6 +25,14 @@ normalisation, so raw and normalised series give the same labels. With threshold
 * direction: up if ``r > t3``, down if ``r < t2``, flat otherwise;
 * magnitude: strong up ``r > t4``, weak up ``m <= r <= t4``, weak down ``t1 <= r < m``,
   strong down ``r < t1`` (so the weak bins share the flat band at its centre).
+
+Because ``r`` is in units of the window's own variability, its spread depends on the data
+(and on seq_len and pred_len): on ETTh1 the design's relative-change values +-0.005 and
++-0.02 leave 0.4% of the windows flat. ``model.trend_thresholds = auto`` (the default)
+therefore initialises them when training starts from the 1/6, 1/3, 2/3 and 5/6 quantiles of
+the labels of every training series (:func:`quantile_thresholds`): each direction then holds
+about a third of the training series, the strong bins a sixth each. They are parameters, so
+checkpoints keep them; :func:`class_frequencies` reports the resulting class shares.
 
 The thresholds are learnable (kept strictly ordered as a base plus ``min_gap + softplus``
 increments). Labels use their current, detached values; they learn through an ordinal
@@ -41,11 +49,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from timellm_lib.config import Config
+from timellm_lib.data.windows import WindowDataset
 from timellm_lib.models.gram import N_STATS, check_branch_inputs, window_statistics
 
 UP, DOWN, FLAT = 0, 1, 2  # direction classes
 STRONG_UP, WEAK_UP, WEAK_DOWN, STRONG_DOWN = 0, 1, 2, 3  # magnitude classes
-DEFAULT_THRESHOLDS = (-0.02, -0.005, 0.005, 0.02)
+# initial values until auto thresholds are set from the training data (or without data)
+DEFAULT_THRESHOLDS = (-0.8, -0.3, 0.3, 0.8)
+THRESHOLD_QUANTILES = (1 / 6, 1 / 3, 2 / 3, 5 / 6)
+DIRECTION_NAMES = ("up", "down", "flat")
+MAGNITUDE_NAMES = ("strong up", "weak up", "weak down", "strong down")
 _LOG_FLOOR = 1e-6  # ordinal probabilities are floored before the log
 
 
@@ -67,12 +80,20 @@ def series_to_future(rows: Tensor, batch_size: int) -> Tensor:
     return rows.reshape(batch_size, -1, rows.shape[-1]).permute(0, 2, 1)
 
 
-def apply_trend_fusion(pred: Tensor, adjustment: Tensor) -> Tensor:
-    """``pred * (1 + adjustment)`` for ``pred [B, H, C]`` and ``adjustment [B*C, H]``.
+def apply_trend_fusion(pred: Tensor, adjustment: Tensor, reference: Tensor | None = None) -> Tensor:
+    """Trend fusion of ``pred [B, H, C]`` (normalised) with ``adjustment [B*C, H]`` in (-0.5, 0.5).
+
+    With ``reference [B*C]``, the last input value of each series (the point the trend labels
+    measure the change from; ``model.fusion_form = reference``):
+    ``pred + adjustment * |pred - reference|``, which moves every step in the predicted
+    direction by at most half its distance from the reference, more along the horizon (the
+    adjustment's ramp). Without it, the design's ``pred * (1 + adjustment)``
+    (``multiplicative``), which scales the forecast around 0, the window mean: an up trend
+    then pushes a below-mean forecast further down.
 
     Pure: ``pred`` is not modified. The composer decides when to apply it (model.fusion);
     for a forecast of fewer channels than the input (features MS), select the adjustment
-    rows of the forecast channels first.
+    and reference rows of the forecast channels first.
     """
     batch, horizon, channels = pred.shape
     if adjustment.shape != (batch * channels, horizon):
@@ -80,7 +101,11 @@ def apply_trend_fusion(pred: Tensor, adjustment: Tensor) -> Tensor:
             f"adjustment {tuple(adjustment.shape)} does not fit pred {tuple(pred.shape)}: "
             f"expected [B*C, H] = [{batch * channels}, {horizon}]"
         )
-    return pred * (1.0 + series_to_future(adjustment, batch))
+    adjustment = series_to_future(adjustment, batch)
+    if reference is None:
+        return pred * (1.0 + adjustment)
+    level = reference.reshape(batch, 1, channels)
+    return pred + adjustment * (pred - level).abs()
 
 
 # --------------------------------------------------------------------------- TAPR-DM
@@ -267,6 +292,13 @@ class CoarseToFineHead(nn.Module):
         steps = self.min_gap + F.softplus(self.threshold_steps)
         return torch.cat([self.threshold_base, self.threshold_base + steps.cumsum(0)])
 
+    @torch.no_grad()
+    def set_thresholds(self, values: tuple[float, float, float, float]) -> None:
+        """Make :attr:`thresholds` equal ``values`` (increasing, gaps above ``min_gap``)."""
+        init = torch.tensor(values, dtype=self.threshold_base.dtype)
+        self.threshold_base.copy_(init[:1])
+        self.threshold_steps.copy_(_inverse_softplus(init.diff() - self.min_gap))
+
     def _class_embedding(self, direction_logits: Tensor, magnitude_logits: Tensor) -> Tensor:
         return (
             torch.softmax(direction_logits, -1) @ self.direction_embed.weight
@@ -294,11 +326,11 @@ class CoarseToFineHead(nn.Module):
 
 
 def fusion_adjustment(regression: Tensor, gate: Tensor, pred_len: int) -> Tensor:
-    """``[BN, H]`` adjustment ``gate * tanh(r_hat) * ramp`` for ``pred * (1 + adjustment)``.
+    """``[BN, H]`` adjustment ``gate * tanh(r_hat) * ramp`` for :func:`apply_trend_fusion`.
 
     The ramp rises linearly from 0 at the first forecast step to 1 at the last (a trend
     matters more the further out one looks; a one-step horizon gets 0). With the gate below
-    0.5 and tanh in (-1, 1), ``1 + adjustment`` stays in (0.5, 1.5).
+    0.5 and tanh in (-1, 1), the adjustment stays in (-0.5, 0.5), its sign that of r_hat.
     """
     ramp = torch.linspace(0.0, 1.0, pred_len, device=regression.device, dtype=regression.dtype)
     return (gate * torch.tanh(regression)).unsqueeze(-1) * ramp
@@ -331,9 +363,13 @@ def trend_labels(series: Tensor, future: Tensor, thresholds: Tensor) -> TrendLab
             f"{tuple(series.shape)} and {tuple(future.shape)} (convert a [B, H, N] future with "
             "future_to_series)"
         )
-    t1, t2, t3, t4 = thresholds.detach()
+    return classify_change(relative_change(series, future), thresholds)
+
+
+def classify_change(r: Tensor, thresholds: Tensor) -> TrendLabels:
+    """Direction and magnitude labels of changes ``r [BN]`` (module docstring)."""
+    t1, t2, t3, t4 = torch.as_tensor(thresholds).detach()
     mid = (t2 + t3) / 2
-    r = relative_change(series, future)
     direction = torch.full_like(r, FLAT, dtype=torch.long)
     direction[r > t3] = UP
     direction[r < t2] = DOWN
@@ -342,6 +378,45 @@ def trend_labels(series: Tensor, future: Tensor, thresholds: Tensor) -> TrendLab
     magnitude[(r < mid) & (r >= t1)] = WEAK_DOWN
     magnitude[r < t1] = STRONG_DOWN
     return TrendLabels(r, direction, magnitude)
+
+
+def training_changes(train: WindowDataset, target_index: int = -1, chunk: int = 1024) -> Tensor:
+    """The label ``r`` of every training series: each window's forecast channels (features
+    M and S: all; MS: the input channel ``target_index`` against the target), in dataset
+    scale (``r`` does not depend on the per-window normalisation)."""
+    changes = []
+    for start in range(0, len(train), chunk):
+        x, y = train.get_batch(torch.arange(start, min(start + chunk, len(train))))
+        if x.shape[-1] != y.shape[-1]:
+            t = target_index % x.shape[-1]
+            x = x[..., t : t + 1]
+        changes.append(relative_change(future_to_series(x), future_to_series(y)))
+    return torch.cat(changes)
+
+
+def quantile_thresholds(changes: Tensor, gap: float = 1e-3) -> tuple[float, float, float, float]:
+    """The :data:`THRESHOLD_QUANTILES` of ``changes``, pushed apart by at least ``gap`` where
+    ties (e.g. constant series) make them equal."""
+    q = torch.quantile(changes.double(), torch.tensor(THRESHOLD_QUANTILES, dtype=torch.float64))
+    values = [float(q[0])]
+    for v in q[1:].tolist():
+        values.append(max(v, values[-1] + gap))
+    return tuple(values)  # type: ignore[return-value]
+
+
+def class_frequencies(changes: Tensor, thresholds: Tensor) -> dict[str, dict[str, float]]:
+    """Share of ``changes`` in each direction and magnitude class under ``thresholds``."""
+    labels = classify_change(changes, thresholds)
+    n = max(changes.numel(), 1)
+
+    def shares(values: Tensor, names: tuple[str, ...]) -> dict[str, float]:
+        counts = torch.bincount(values, minlength=len(names)).tolist()
+        return {name: c / n for name, c in zip(names, counts, strict=True)}
+
+    return {
+        "direction": shares(labels.direction, DIRECTION_NAMES),
+        "magnitude": shares(labels.magnitude, MAGNITUDE_NAMES),
+    }
 
 
 @dataclass

@@ -385,8 +385,11 @@ class TimeLLM(nn.Module):
             )
 
     def _check_input(self, x: Tensor) -> None:
+        """Every input channel, or (features M and S, where each channel is forecast on its
+        own) a single channel: the samples of ``data.sample_unit = channel``."""
         expected = (self.cfg.data.seq_len, self.n_in)
-        if x.dim() != 3 or tuple(x.shape[1:]) != expected:
+        single = self.n_in == self.n_out and x.dim() == 3 and x.shape[2] == 1
+        if x.dim() != 3 or (tuple(x.shape[1:]) != expected and not single):
             raise ValueError(
                 f"TimeLLM expects input [batch, seq_len={expected[0]}, channels={expected[1]}], "
                 f"got {list(x.shape)}; check data.seq_len and the number of input columns"

@@ -108,7 +108,10 @@ def wrap_model(world: World, model: nn.Module) -> nn.Module:
     The frozen language model is a plain attribute, not a submodule, so DDP neither sees nor
     synchronises it: only the trainable parameters are averaged. Buffers are synchronised
     once, when wrapping, not at every forward: every process then changes them identically
-    (a GRA-M memory bank would otherwise be sent at each step).
+    (a GRA-M memory bank would otherwise be sent at each step). A model whose configuration
+    leaves parameters without a gradient (``skips_parameters``, e.g. TAPR with fusion off)
+    gets DDP's search for unused parameters, which otherwise waits for their gradients and
+    fails at the next step; the others are spared its cost.
     """
     if not world.distributed:
         return model
@@ -117,7 +120,8 @@ def wrap_model(world: World, model: nn.Module) -> nn.Module:
     newer = "forward_sync_buffers" in inspect.signature(ddp).parameters
     no_buffer_sync = {"forward_sync_buffers" if newer else "broadcast_buffers": False}
     device_ids = [world.device.index] if world.device.type == "cuda" else None
-    return ddp(model, device_ids=device_ids, **no_buffer_sync)
+    unused = bool(getattr(model, "skips_parameters", False))
+    return ddp(model, device_ids=device_ids, find_unused_parameters=unused, **no_buffer_sync)
 
 
 # ---------------------------------------------------------------------------- agreement

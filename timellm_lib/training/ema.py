@@ -1,9 +1,11 @@
 """Exponential moving average of the weights, kept beside the model and checkpointed.
 
 After every optimizer step ``shadow = decay * shadow + (1 - decay) * weight`` for each
-trainable parameter and floating-point buffer. Evaluating with the averaged weights is often
-smoother than with the last ones; the shadow is part of the checkpoint, so a resumed run
-continues the very same average.
+trainable parameter. Evaluating with the averaged weights is often smoother than with the
+last ones; the shadow is part of the checkpoint, so a resumed run continues the very same
+average. Buffers are not averaged: they are state, not weights (the GRA-M memory bank and
+its keys are built and refreshed in place, and an average that starts before the memory is
+built would shrink it towards zero), so the averaged model always uses the live buffers.
 """
 
 from __future__ import annotations
@@ -16,10 +18,8 @@ from torch import nn
 
 
 def _tracked(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors the average follows: trainable parameters and float buffers, by name."""
-    tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    tensors.update({n: b for n, b in model.named_buffers() if b.is_floating_point()})
-    return tensors
+    """The tensors the average follows: the trainable parameters, by name."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 class EMA:
@@ -57,6 +57,8 @@ class EMA:
         return {"decay": self.decay, "shadow": {n: t.clone() for n, t in self.shadow.items()}}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
+        """The averages of this model's parameters (an older checkpoint's averaged buffers
+        are ignored: the live ones are used)."""
         shadow = state["shadow"]
         for name, tensor in self.shadow.items():
             tensor.copy_(shadow[name])  # type: ignore[index]

@@ -15,8 +15,16 @@ the schedule spans:
 - ``onecycle``: the lr shape of ``torch.optim.lr_scheduler.OneCycleLR`` (cosine warm-up from
   lr/25 to lr over ``pct_start * T`` steps, then cosine annealing to lr/(25 * 1e4));
   momentum is not cycled
-- ``type1`` (Time-LLM/Informer ``lradj=type1``): halve every epoch, ``0.5 ** e``
-- ``type3`` (Time-LLM ``lradj=type3``): 1 for the first three epochs, then ``0.9 ** (e - 2)``
+- ``type1``: halve every epoch, ``0.5 ** e``
+- ``type3``: 1 for the first three epochs, then ``0.9 ** (e - 2)``
+- ``published_type1`` / ``published_type3``: what the published ``run_main.py`` really does
+  with ``lradj=type1`` / ``type3``. It builds a ``OneCycleLR`` (max_lr = lr) that it never
+  steps, but whose constructor sets the optimizer's lr to lr/25 and Adam's beta1 to 0.95;
+  after epoch 0 it takes that lr/25 as its base lr and applies its rule at each epoch end.
+  So epoch ``e`` trains at ``lr / 25 * r(max(e, 1))`` with ``r(n) = 0.5 ** (n - 1)``
+  (type1) or ``1 if n < 3 else 0.9 ** (n - 3)`` (type3), and beta1 is 0.95 throughout:
+  ``lr = 0.01`` trains epochs 0 and 1 at 4e-4, epoch 2 at 2e-4. The plain ``type1`` and
+  ``type3`` above apply the halving/decay to the configured lr directly, from epoch 1 on.
 
 A schedule can be rebuilt at a later global step (``--resume-reset-scheduler``): it then starts
 over, with step 0 at that global step, spans the remaining steps, and counts epochs from the
@@ -34,6 +42,7 @@ from timellm_lib.config import TrainConfig
 
 ONECYCLE_DIV = 25.0  # initial lr = max lr / 25, as in torch's OneCycleLR
 ONECYCLE_FINAL_DIV = 1e4  # final lr = initial lr / 1e4
+PUBLISHED_BETA1 = 0.95  # OneCycleLR's max_momentum, which its constructor writes into beta1
 
 
 class Schedule:
@@ -65,6 +74,10 @@ class Schedule:
             return 0.5**epoch
         if self.kind == "type3":
             return 1.0 if epoch < 3 else 0.9 ** (epoch - 2)
+        if self.kind in ("published_type1", "published_type3"):
+            n = max(epoch, 1)  # epoch 0 and epoch 1 both train at the constructor's lr/25
+            rule = 0.5 ** (n - 1) if self.kind == "published_type1" else 0.9 ** max(n - 3, 0)
+            return rule / ONECYCLE_DIV
         raise ValueError(f"unknown scheduler {self.kind!r}")  # config validation prevents this
 
     def _onecycle(self, step: int) -> float:
@@ -86,5 +99,9 @@ def build_scheduler(
     optimizer: Optimizer, cfg: TrainConfig, train_steps: int, total_steps: int, origin: int = 0
 ) -> LambdaLR:
     """A LambdaLR whose step 0 is global step ``origin``; cosine and onecycle span the
-    ``total_steps - origin`` steps that remain."""
+    ``total_steps - origin`` steps that remain. The published schedules also set beta1 as the
+    published code's unstepped OneCycleLR does (the optimizer's state_dict keeps it)."""
+    if cfg.scheduler.startswith("published_"):
+        for group in optimizer.param_groups:
+            group["betas"] = (PUBLISHED_BETA1, *group["betas"][1:])
     return LambdaLR(optimizer, Schedule(cfg, train_steps, total_steps - origin, origin))

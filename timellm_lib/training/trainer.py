@@ -7,7 +7,8 @@ checkpoint, then the loop. Its invariants:
 - ``global_step`` counts optimizer steps across epochs and is never reset. With
   ``train_steps`` optimizer steps per epoch, the position is ``epoch = global_step //
   train_steps`` and ``step_in_epoch = global_step % train_steps``.
-- ``train_steps = (len(train windows) // batch_size) // grad_accum``: the last incomplete
+- ``train_steps = (training samples // batch_size) // grad_accum`` (a sample is a window,
+  or one channel of one with ``data.sample_unit = channel``): the last incomplete
   batch is dropped, and so are the micro-batches at the end of an epoch that do not fill a
   whole accumulation (at most ``grad_accum - 1``), so every epoch has the same steps.
 - The data order of epoch ``e`` is a permutation seeded from (seed, e) (see
@@ -50,8 +51,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from timellm_lib.config import Config
+from timellm_lib.config import Config, checkpoint_config
 from timellm_lib.data.sampler import ResumableLoader, Shard, fixed_subset
+from timellm_lib.data.windows import training_samples
 from timellm_lib.errors import WorkbenchError
 from timellm_lib.evaluation import autocast, evaluate
 from timellm_lib.models.output import as_forecast
@@ -280,8 +282,9 @@ def train(
             model.compile(dynamic=True)  # in place: state_dict keys stay those of the eager model
         _check_split_sizes(cfg, datasets, world)
         data = cfg.data
+        samples = training_samples(datasets.train, data.sample_unit)
         loader = ResumableLoader(
-            datasets.train, data.batch_size, t.seed, data.num_workers, world.rank, world.size
+            samples, data.batch_size, t.seed, data.num_workers, world.rank, world.size
         )
         train_steps = len(loader) // t.grad_accum
         total_steps = t.epochs * train_steps
@@ -307,6 +310,8 @@ def train(
 
         # -- 3. fresh start or restore ---------------------------------------------------------
         if ckpt is None:
+            if hasattr(model, "init_trend_thresholds"):  # TAPR's auto thresholds: from the data
+                model.init_trend_thresholds(datasets.train)
             if hasattr(model, "build_memory"):  # e.g. GRA-M: its buffers then live in checkpoints
                 model.build_memory(datasets.train, torch.Generator().manual_seed(t.seed))
             if world.rank > 0:
@@ -429,7 +434,7 @@ def _find_start(
             )
         return None, {}, None
     path, ckpt = found
-    changes = _config_changes(ckpt["config"], cfg.to_dict())
+    changes = _config_changes(checkpoint_config(ckpt["config"]), cfg.to_dict())
     return path, changes, _already_done(run_dir, path, ckpt, cfg, max_steps, counter)
 
 
@@ -582,7 +587,7 @@ def _optimizer_step(run: _Run, micro_batches: list, warmup: float) -> dict[str, 
     t = run.cfg.train
     sums: dict[str, float] = {}
     windows = 0
-    # a retrieval model (GRA-M) gets the windows' positions so it never retrieves itself
+    # a retrieval model (GRA-M) gets the samples' positions so it never retrieves itself
     pass_index = getattr(run.model, "needs_window_index", False)
     for i, (x, y, idx) in enumerate(micro_batches):
         x, y = x.to(run.device), y.to(run.device)
@@ -1130,14 +1135,16 @@ def _check_arguments(
 def _check_split_sizes(cfg: Config, datasets: Any, world: World) -> None:
     """Enough windows for one optimizer step, and for every process to have its share."""
     batch, accum, k = cfg.data.batch_size, cfg.train.grad_accum, world.size
+    samples = len(training_samples(datasets.train, cfg.data.sample_unit))
+    unit = "series" if cfg.data.sample_unit == "channel" else "windows"
     if batch % k:
         raise TrainingError(
             f"data.batch_size {batch} cannot be split evenly across {k} processes: it is the "
             f"global batch, shared by all of them; use a multiple of {k}"
         )
-    if len(datasets.train) // batch // accum == 0:
+    if samples // batch // accum == 0:
         raise TrainingError(
-            f"the training split has {len(datasets.train)} windows, fewer than one optimizer "
+            f"the training split has {samples} {unit}, fewer than one optimizer "
             f"step needs (batch_size {batch} x grad_accum {accum}); lower data.batch_size or "
             "train.grad_accum, or use more data"
         )
