@@ -70,7 +70,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from timellm_lib.config import Config, load_config
-from timellm_lib.evaluation import predict
+from timellm_lib.evaluation.metrics import predict
 from timellm_lib.models import as_forecast, build_model
 
 N_CHANNELS = 7

@@ -10,12 +10,12 @@ import torch
 from torch import nn
 from trainer_helpers import tiny_config
 
-from timellm_lib import anatomy
-from timellm_lib.backbones import Backbone
 from timellm_lib.data import build_datasets
-from timellm_lib.inference import load_for_inference
+from timellm_lib.evaluation.inference import load_for_inference
 from timellm_lib.models import build_model
+from timellm_lib.models.backbones import Backbone
 from timellm_lib.models.baselines import MLP
+from timellm_lib.notebooks import anatomy
 from timellm_lib.training import train
 from timellm_lib.training.checkpoint import (
     CheckpointError,

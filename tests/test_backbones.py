@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-from timellm_lib import backbones
-from timellm_lib.backbones import BackboneError, load_backbone
 from timellm_lib.config import config_from_dict
+from timellm_lib.models import backbones
+from timellm_lib.models.backbones import BackboneError, load_backbone
 from timellm_lib.models.timellm import TimeLLM
 
 

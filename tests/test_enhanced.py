@@ -16,7 +16,7 @@ from timellm_lib.models.layers import RevIN
 from timellm_lib.models.prompt import build_prompts, prompt_statistics
 from timellm_lib.models.tapr import DOWN, UP
 from timellm_lib.models.timellm import TimeLLM
-from timellm_lib.tracing import trace_shapes
+from timellm_lib.notebooks.tracing import trace_shapes
 
 SEQ, PRED, LLM_DIM = 32, 8, 128
 VARIANTS = {

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from timellm_lib.config import load_config
-from timellm_lib.runs import load_metrics
+from timellm_lib.notebooks.runs import load_metrics
 from timellm_lib.training import train
 from timellm_lib.training.checkpoint import describe_checkpoint, load_checkpoint
 

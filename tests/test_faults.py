@@ -23,11 +23,11 @@ import torch
 from process_helpers import run, start, timellm, train_events_since, wait_until
 from trainer_helpers import assert_same_run, digests, set_args, tiny_config, tiny_overrides
 
+from timellm_lib import files as files_module
 from timellm_lib.cli import main as cli_main
 from timellm_lib.config import ConfigError, load_config
 from timellm_lib.models.baselines import MLP
 from timellm_lib.training import TrainingError, train
-from timellm_lib.training import checkpoint as ckpt_module
 from timellm_lib.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -106,10 +106,10 @@ def test_sigint_mid_epoch_stops_after_that_step_with_a_checkpoint(tmp_path):
 
 def _disk_full_for(ckpt_dir: Path, name: str) -> None:
     """Make this process's next save of ``name`` hit a full disk: its temporary file (named
-    as checkpoint.atomic_file names it) becomes a link to /dev/full, where writes fail with
+    as files.atomic_file names it) becomes a link to /dev/full, where writes fail with
     ENOSPC."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    (ckpt_dir / f".{name}.{os.getpid()}{ckpt_module.TMP_SUFFIX}").symlink_to("/dev/full")
+    (ckpt_dir / f".{name}.{os.getpid()}{files_module.TMP_SUFFIX}").symlink_to("/dev/full")
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
@@ -150,7 +150,7 @@ def test_with_on_save_error_continue_a_failed_save_is_logged_and_training_goes_o
 
 def _make_read_only(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A real read-only folder. Root ignores permission bits, so when the folder is still
-    writable the checkpoint writer is made to raise what the kernel raises for anyone else."""
+    writable the atomic file writer is made to raise what the kernel raises for anyone else."""
     folder.chmod(0o555)
     probe = folder / ".probe"
     try:
@@ -164,7 +164,7 @@ def _make_read_only(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
         return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt_module, "open", denied, raising=False)
+    monkeypatch.setattr(files_module, "open", denied, raising=False)
 
 
 def test_a_permission_error_stops_the_run_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):

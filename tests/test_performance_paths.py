@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from model_helpers import TINY_MODEL
 
 import timellm_lib.models.timellm as timellm_module
-from timellm_lib.backbones import Backbone, _find_prefix_cache, load_backbone
 from timellm_lib.config import Config, config_from_dict
+from timellm_lib.models.backbones import Backbone, _find_prefix_cache, load_backbone
 from timellm_lib.models.enhanced import EnhancedTimeLLM
 from timellm_lib.models.layers import RevIN, channel_rows
 from timellm_lib.models.prompt import (
@@ -29,7 +29,7 @@ from timellm_lib.models.prompt import (
     prompt_tails,
 )
 from timellm_lib.models.timellm import TimeLLM
-from timellm_lib.tracing import format_trace, trace_model
+from timellm_lib.notebooks.tracing import format_trace, trace_model
 
 SEQ, PRED = 32, 8
 
@@ -297,7 +297,9 @@ def test_a_backbone_switched_to_eager_attention_runs_its_whole_final_layer(monke
     b = dataclasses.replace(shared, model=model, last_layer=model.encoder.layer[-1])
     model.set_attn_implementation("eager")
     calls = []
-    monkeypatch.setattr("timellm_lib.backbones._last_rows_forward", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(
+        "timellm_lib.models.backbones._last_rows_forward", lambda *a, **k: calls.append(1)
+    )
     inputs = torch.randn(2, 9, b.llm_dim, generator=torch.Generator().manual_seed(3))
     mask = torch.ones(2, 9, dtype=torch.long)
     kept = b.encode(inputs, mask, keep_last=4)

@@ -28,7 +28,7 @@ from timellm_lib.models.tapr import (
     training_changes,
     trend_labels,
 )
-from timellm_lib.tracing import trace_shapes
+from timellm_lib.notebooks.tracing import trace_shapes
 from timellm_lib.training import train
 from timellm_lib.training.checkpoint import load_checkpoint
 

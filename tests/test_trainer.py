@@ -12,7 +12,7 @@ from trainer_helpers import assert_same_run, comparable_events, digests, tiny_co
 
 from timellm_lib.config import load_config
 from timellm_lib.data import build_datasets
-from timellm_lib.evaluation import evaluate
+from timellm_lib.evaluation.metrics import evaluate
 from timellm_lib.models.baselines import MLP, DLinear, moving_average
 from timellm_lib.models.output import Forecast
 from timellm_lib.training import TrainingError, train

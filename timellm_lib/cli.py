@@ -91,13 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", metavar="TEXT", help="figure title")
 
     p = sub.add_parser("batch", help="papermill runs of notebooks from a YAML plan")
-    p.add_argument("plan", help="YAML plan of notebook runs (see timellm_lib/batch.py)")
+    p.add_argument("plan", help="YAML plan of notebook runs (see timellm_lib/notebooks/batch.py)")
     p.add_argument("--cwd", metavar="DIR", help="where notebooks run (default: plan's cwd, else .)")
     p.add_argument("--summary-csv", metavar="FILE", help="also write the summary table as CSV")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("study", help="train a YAML plan of experiments over seeds: a results table")
-    p.add_argument("plan", help="YAML study plan (configs/studies/, see timellm_lib/study.py)")
+    p.add_argument(
+        "plan", help="YAML study plan (configs/studies/, see timellm_lib/notebooks/study.py)"
+    )
     p.add_argument("--out", metavar="DIR", help="study folder (default outputs/studies/<name>)")
     p.add_argument("--rows", nargs="+", metavar="NAME", help="train only these rows")
     p.add_argument(
@@ -233,7 +235,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    from timellm_lib.tracing import format_trace, trace_shapes
+    from timellm_lib.notebooks.tracing import format_trace, trace_shapes
 
     cfg = load_config(args.config, args.overrides)
     rows = trace_shapes(cfg, batch_size=args.batch_size)
@@ -242,25 +244,25 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from timellm_lib.inference import run_eval
+    from timellm_lib.evaluation.inference import run_eval
 
     return run_eval(args)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from timellm_lib.inference import run_predict
+    from timellm_lib.evaluation.inference import run_predict
 
     return run_predict(args)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from timellm_lib.plots import run_plot
+    from timellm_lib.notebooks.plots import run_plot
 
     return run_plot(args)
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from timellm_lib.study import run_study_command
+    from timellm_lib.notebooks.study import run_study_command
 
     _show_training_messages()
     return run_study_command(args)
@@ -273,7 +275,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from timellm_lib.batch import run_batch
+    from timellm_lib.notebooks.batch import run_batch
 
     return run_batch(args)
 

@@ -1,7 +1,7 @@
 """The trainable stages of Time-LLM: instance norm, patching, reprogramming, output head,
 and the stand-ins that replace the language model in the LLM ablations.
 
-Each stage is its own module so that the shape tracer (``timellm_lib.tracing``) can hook it,
+Each stage is its own module so that the shape tracer (``timellm_lib.notebooks.tracing``) can hook it,
 and so that the enhanced model can reuse it. Stages that are only tensor reshapes are made
 visible to the tracer with :class:`Tap`.
 """

@@ -43,8 +43,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from timellm_lib.backbones import Backbone, load_backbone
 from timellm_lib.config import Config, ConfigError, check_llm_dim
+from timellm_lib.models.backbones import Backbone, load_backbone
 from timellm_lib.models.layers import (
     AttentionStandIn,
     FlattenHead,
@@ -98,7 +98,7 @@ class TimeLLM(nn.Module):
         self.n_in, self.n_out = n_in, n_out
         self.target_index = target_index % n_in
         self.n_patch = n_patches(d.seq_len, m.patch_len, m.stride)
-        # A plain attribute, not a submodule: see timellm_lib.backbones for why sharing is safe.
+        # A plain attribute, not a submodule: see timellm_lib.models.backbones for why sharing is safe.
         self.backbone: Backbone | None = None
         if m.llm_ablation != "no_llm":
             self.backbone = load_backbone(m.backbone, m.llm_layers, m.backbone_dropout)
@@ -179,7 +179,7 @@ class TimeLLM(nn.Module):
         return self
 
     def trace_stages(self) -> dict[str, tuple[str, str]]:
-        """Submodule path -> (stage name, note) for ``timellm_lib.tracing``, in forward order."""
+        """Submodule path -> (stage name, note) for ``timellm_lib.notebooks.tracing``, in forward order."""
         m = self.cfg.model
         stages = {
             "normalize": ("Instance Norm", "RevIN: per-series mean/std over time, no affine"),

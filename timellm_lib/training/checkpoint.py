@@ -26,23 +26,20 @@ import hashlib
 import io
 import logging
 import math
-import os
 import re
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from timellm_lib.errors import WorkbenchError
+from timellm_lib.files import TMP_SUFFIX, atomic_file
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-TMP_SUFFIX = ".tmp"
 STEP_PATTERN = re.compile(r"^step_(\d{8,})\.pt$")
 
 # What each section of a checkpoint is for (shown by ``timellm inspect``).
@@ -117,35 +114,6 @@ class CheckpointError(WorkbenchError):
 
 
 # ------------------------------------------------------------------------------ writing
-
-
-@contextmanager
-def atomic_file(path: str | Path) -> Iterator[IO[bytes]]:
-    """Open a temporary file beside ``path``; on success it replaces ``path`` atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    with atomic_file(path) as f:
-        f.write(text.encode())
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:

@@ -55,7 +55,8 @@ from timellm_lib.config import Config, checkpoint_config
 from timellm_lib.data.sampler import ResumableLoader, Shard, fixed_subset
 from timellm_lib.data.windows import training_samples
 from timellm_lib.errors import WorkbenchError
-from timellm_lib.evaluation import autocast, evaluate
+from timellm_lib.evaluation.metrics import autocast, evaluate
+from timellm_lib.files import write_text_atomic
 from timellm_lib.models.output import as_forecast
 from timellm_lib.training.checkpoint import (
     FORMAT_VERSION,
@@ -68,7 +69,6 @@ from timellm_lib.training.checkpoint import (
     select_resume_checkpoint,
     step_files,
     step_name,
-    write_text_atomic,
 )
 from timellm_lib.training.distributed import (
     World,

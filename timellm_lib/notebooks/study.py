@@ -313,8 +313,8 @@ def measure_cost(cfg: Config) -> dict[str, Any]:
 
     from timellm_lib.data import build_datasets
     from timellm_lib.data.sampler import fetch_batch
-    from timellm_lib.model_summary import parameter_table
     from timellm_lib.models import as_forecast, build_model
+    from timellm_lib.notebooks.model_summary import parameter_table
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)

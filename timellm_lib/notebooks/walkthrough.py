@@ -35,14 +35,14 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from timellm_lib import anatomy, plots
 from timellm_lib.config import Config, load_config
 from timellm_lib.data.windows import training_samples
 from timellm_lib.errors import WorkbenchError
-from timellm_lib.evaluation import evaluate
-from timellm_lib.inference import load_for_inference
+from timellm_lib.evaluation.inference import load_for_inference
+from timellm_lib.evaluation.metrics import evaluate
 from timellm_lib.models import build_model
-from timellm_lib.runs import load_metrics, read_evals
+from timellm_lib.notebooks import anatomy, plots
+from timellm_lib.notebooks.runs import load_metrics, read_evals
 from timellm_lib.training import train
 from timellm_lib.training.checkpoint import (
     describe_checkpoint,
@@ -329,7 +329,7 @@ def timeline(scenarios: Sequence[Scenario]) -> Figure:
 
 def logged(run_dir: str | Path, event: str, column: str) -> pd.Series:
     """``column`` of every ``event`` the run logged, by global_step (what a resume
-    superseded is dropped, see :func:`timellm_lib.runs.load_metrics`)."""
+    superseded is dropped, see :func:`timellm_lib.notebooks.runs.load_metrics`)."""
     metrics = load_metrics(run_dir)
     rows = metrics[metrics["event"] == event]
     return pd.Series(rows[column].to_numpy(), index=rows["global_step"].astype(int), name=column)
@@ -425,7 +425,7 @@ def resume_events(run_dir: str | Path) -> pd.DataFrame:
 
 
 def checkpoint_values(runs: dict[str, str | Path], column: str) -> pd.DataFrame:
-    """``column`` of :func:`timellm_lib.anatomy.checkpoint_files` (e.g. best_score, counter)
+    """``column`` of :func:`timellm_lib.notebooks.anatomy.checkpoint_files` (e.g. best_score, counter)
     for every step checkpoint of several runs, one column per run, by global_step."""
     frames = {}
     for label, run_dir in runs.items():
@@ -618,7 +618,7 @@ def lr_figure(curves: pd.DataFrame, reference: str, resume_step: int) -> Figure:
     fig, axes = plt.subplots(
         1, len(resumed), sharey=True, squeeze=False, figsize=(11, 3.4), layout="constrained"
     )
-    plt.close(fig)  # returned, not shown twice (see timellm_lib.plots)
+    plt.close(fig)  # returned, not shown twice (see timellm_lib.notebooks.plots)
     for ax, name in zip(axes[0], resumed, strict=True):
         ax.plot(curves.index, curves[reference], color="0.6", lw=2.5, label=reference)
         ax.plot(curves.index, curves[name], color=plots.PALETTE[1], lw=1.5, label=name)

@@ -18,7 +18,7 @@ a file, all computed from real files so they stay true when the layout changes:
   digest and the same forecasts.
 
 Models are loaded from files as inference loads them
-(:func:`timellm_lib.inference.load_for_inference`).
+(:func:`timellm_lib.evaluation.inference.load_for_inference`).
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ from torch import nn
 from timellm_lib.config import Config, load_config
 from timellm_lib.data import build_datasets
 from timellm_lib.data.sampler import eval_batches
-from timellm_lib.inference import load_for_inference
+from timellm_lib.evaluation.inference import load_for_inference
 from timellm_lib.models import build_model
 from timellm_lib.models.output import as_forecast
-from timellm_lib.plots import PALETTE
+from timellm_lib.notebooks.plots import PALETTE
 from timellm_lib.training import train
 from timellm_lib.training.checkpoint import (
     CHECKSUM_KEY,
@@ -243,7 +243,7 @@ def field_bytes_figure(fields: pd.DataFrame, title: str = "") -> Figure:
         for row in sized.itertuples()
     ]
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(sized) + 1.2), layout="constrained")
-    plt.close(fig)  # returned, not shown twice (see timellm_lib.plots)
+    plt.close(fig)  # returned, not shown twice (see timellm_lib.notebooks.plots)
     ax.barh(sized["field"], sized["bytes"].astype(float), color=[readers[n] for n in names])
     ax.set_xscale("log")
     ax.invert_yaxis()

@@ -35,21 +35,16 @@ import pandas as pd
 import torch
 from torch import nn
 
-from timellm_lib.backbones import BackboneError
 from timellm_lib.config import Config, checkpoint_config, load_config
 from timellm_lib.data import Datasets, Scaler, build_datasets, read_series
 from timellm_lib.data.loaders import scale_to_float32
 from timellm_lib.data.windows import DataError
 from timellm_lib.errors import WorkbenchError
-from timellm_lib.evaluation import evaluate_report, forecasts, predict
+from timellm_lib.evaluation.metrics import evaluate_report, forecasts, predict
+from timellm_lib.files import atomic_file, write_text_atomic
 from timellm_lib.models import build_model
-from timellm_lib.training.checkpoint import (
-    CheckpointError,
-    atomic_file,
-    load_checkpoint,
-    load_model_weights,
-    write_text_atomic,
-)
+from timellm_lib.models.backbones import BackboneError
+from timellm_lib.training.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from timellm_lib.training.faults import describe_write_error, unwritable, write_fix
 
 OUTPUT_SUFFIXES = (".csv", ".npz")
@@ -407,7 +402,7 @@ def predict_split(loaded: Loaded, split: str = "test") -> Predictions:
 
 def forecast_example(loaded: Loaded, split: str = "test", index: int = 0) -> dict[str, Any]:
     """Window ``index`` of ``split`` as keyword arguments of
-    :func:`timellm_lib.plots.forecast_mpl` / ``forecast_plotly``: the history of the forecast
+    :func:`timellm_lib.notebooks.plots.forecast_mpl` / ``forecast_plotly``: the history of the forecast
     channels, the truth and the forecast (all in original units), channel names, the dates of
     history and future, and a title."""
     dataset = loaded.datasets.split(split)
