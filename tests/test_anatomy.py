@@ -16,13 +16,9 @@ from timellm_lib.models import build_model
 from timellm_lib.models.backbones import Backbone
 from timellm_lib.models.baselines import MLP
 from timellm_lib.notebooks import anatomy
+from timellm_lib.notebooks.describe import describe_checkpoint
 from timellm_lib.training import train
-from timellm_lib.training.checkpoint import (
-    CheckpointError,
-    describe_checkpoint,
-    load_checkpoint,
-    state_digest,
-)
+from timellm_lib.training.checkpoint import CheckpointError, load_checkpoint, state_digest
 
 
 @pytest.fixture(scope="module")

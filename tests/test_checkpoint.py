@@ -16,14 +16,13 @@ from torch import nn
 from trainer_helpers import assert_same_run, tiny_config
 
 from timellm_lib.models.baselines import MLP
+from timellm_lib.notebooks.describe import describe_checkpoint, format_description
 from timellm_lib.training import checkpoint as ckpt_module
 from timellm_lib.training import train
 from timellm_lib.training import trainer as trainer_module
 from timellm_lib.training.checkpoint import (
     CheckpointError,
-    describe_checkpoint,
     find_resume_checkpoint,
-    format_description,
     load_checkpoint,
     load_model_weights,
     remove_temp_files,

@@ -227,7 +227,7 @@ def _show_training_messages(quiet: bool = False) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from timellm_lib.training.checkpoint import describe_checkpoint, format_description
+    from timellm_lib.notebooks.describe import describe_checkpoint, format_description
 
     info = describe_checkpoint(args.checkpoint)
     print(json.dumps(info, indent=2) if args.json else format_description(info))

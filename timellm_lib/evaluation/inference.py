@@ -44,6 +44,7 @@ from timellm_lib.evaluation.metrics import evaluate_report, forecasts, predict
 from timellm_lib.files import atomic_file, write_text_atomic
 from timellm_lib.models import build_model
 from timellm_lib.models.backbones import BackboneError
+from timellm_lib.training import schema as S
 from timellm_lib.training.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from timellm_lib.training.faults import describe_write_error, unwritable, write_fix
 
@@ -117,18 +118,18 @@ def load_for_inference(
     """
     path, chosen = Path(path), _device(device)
     payload = load_checkpoint(path)
-    cfg = load_config(extra=checkpoint_config(payload["config"]), overrides=overrides)
-    data, datasets = payload.get("data"), None
+    cfg = load_config(extra=checkpoint_config(payload[S.CONFIG]), overrides=overrides)
+    data, datasets = payload.get(S.DATA), None
     if data is None:  # written before checkpoints stored the scaler and channel names
         datasets = _training_data(cfg, path, "to rebuild its scaler and channel names")
         data = datasets.inference_state()
     columns_in, columns_out = data["columns_in"], data["columns_out"]
-    model = _build(cfg, len(columns_in), len(columns_out), path, payload.get("backbone") or {})
-    state, weights = payload["model"], "model"
-    if payload.get("kind") != "best" and cfg.train.eval_with_ema and payload.get("ema"):
+    model = _build(cfg, len(columns_in), len(columns_out), path, payload.get(S.BACKBONE) or {})
+    state, weights = payload[S.MODEL], "model"
+    if payload.get(S.KIND) != "best" and cfg.train.eval_with_ema and payload.get(S.EMA):
         # averaged parameters only: older checkpoints also averaged buffers (GRA-M memory)
         params = dict(model.named_parameters())
-        shadow = {n: t for n, t in payload["ema"]["shadow"].items() if n in params}
+        shadow = {n: t for n, t in payload[S.EMA]["shadow"].items() if n in params}
         state, weights = {**state, **shadow}, "ema"
     load_model_weights(model, state)
     model.to(chosen).eval()
@@ -139,8 +140,8 @@ def load_for_inference(
         columns_in=columns_in,
         columns_out=columns_out,
         path=path,
-        kind=payload.get("kind", "step"),
-        global_step=int(payload["global_step"]),
+        kind=payload.get(S.KIND, "step"),
+        global_step=int(payload[S.GLOBAL_STEP]),
         weights=weights,
         device=chosen,
         amp_dtype=_amp_dtype(cfg.train.amp, chosen),

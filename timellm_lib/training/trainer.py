@@ -59,7 +59,6 @@ from timellm_lib.evaluation.metrics import autocast, evaluate
 from timellm_lib.files import write_text_atomic
 from timellm_lib.models.output import as_forecast
 from timellm_lib.training.checkpoint import (
-    FORMAT_VERSION,
     CheckpointError,
     load_checkpoint,
     load_model_weights,
@@ -93,6 +92,7 @@ from timellm_lib.training.rng import (
     seed_rank,
 )
 from timellm_lib.training.schedulers import build_scheduler
+from timellm_lib.training.schema import FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
