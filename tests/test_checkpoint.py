@@ -22,11 +22,11 @@ from timellm_lib.training import train
 from timellm_lib.training import trainer as trainer_module
 from timellm_lib.training.checkpoint import (
     CheckpointError,
-    find_resume_checkpoint,
     load_checkpoint,
     load_model_weights,
     remove_temp_files,
     save_checkpoint,
+    select_resume_checkpoint,
     state_digest,
 )
 from timellm_lib.training.metrics_log import read_metrics
@@ -89,7 +89,7 @@ def test_resume_auto_skips_damaged_files_and_takes_the_previous_valid(tmp_path, 
     newest.write_bytes(newest.read_bytes()[:5000])  # truncated by a "crash"
     (run / "checkpoints/step_00000099.pt").write_bytes(random.Random(1).randbytes(300))
     with caplog.at_level(logging.WARNING):
-        assert find_resume_checkpoint(run, "auto").name == "step_00000003.pt"
+        assert select_resume_checkpoint(run, "auto")[0].name == "step_00000003.pt"
     assert "step_00000099.pt" in caplog.text and "step_00000006.pt" in caplog.text
 
     result = train(cfg, run_dir=run, resume="auto", progress=False)
@@ -308,7 +308,7 @@ def test_best_needs_its_companion_and_last_needs_a_step_checkpoint(tmp_path):
     train(cfg, run_dir=tmp_path / "run", progress=False)
     os.remove(tmp_path / "run/checkpoints/step_00000007.pt")
     with pytest.raises(CheckpointError, match="step_00000007.pt.*missing"):
-        find_resume_checkpoint(tmp_path / "run", "best")
+        select_resume_checkpoint(tmp_path / "run", "best")
 
 
 def test_rotation_never_removes_best_companion_or_newest(tmp_path):

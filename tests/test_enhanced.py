@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from model_helpers import TINY_MODEL
+from model_helpers import TINY_MODEL, whole_prompts
 
 from timellm_lib.config import Config, ConfigError, config_from_dict, load_config
 from timellm_lib.data.windows import WindowDataset
 from timellm_lib.models import build_model
 from timellm_lib.models.enhanced import EnhancedTimeLLM
 from timellm_lib.models.layers import RevIN
-from timellm_lib.models.prompt import build_prompts, prompt_statistics
+from timellm_lib.models.prompt import prompt_statistics
 from timellm_lib.models.tapr import DOWN, UP
 from timellm_lib.models.timellm import TimeLLM
 from timellm_lib.notebooks.tracing import trace_shapes
@@ -194,7 +194,7 @@ def test_extra_tokens_follow_the_padding_and_padding_changes_nothing():
     square = torch.tensor([1.0, -1.0]).repeat(SEQ // 2)  # compact statistics: a short prompt
     noise = torch.randn(SEQ, generator=torch.Generator().manual_seed(3)) * 3 + 2
     x = torch.stack([square, noise]).unsqueeze(-1)
-    prompts = build_prompts(prompt_statistics(RevIN()(x)[0][..., 0]), model.cfg)
+    prompts = whole_prompts(prompt_statistics(RevIN()(x)[0][..., 0]), model.cfg)
     lengths = [len(model.backbone.tokenizer(p)["input_ids"]) for p in prompts]
     pad = lengths[1] - lengths[0]
     assert pad > 0
@@ -368,7 +368,7 @@ def test_a_batch_of_single_channels_forecasts_as_the_windows_they_came_from(vari
 def window_dataset(series: torch.Tensor) -> WindowDataset:
     rows = series.shape[0]
     dates = np.arange("2020-01-01T00", rows, dtype="datetime64[h]")
-    return WindowDataset(series, series, torch.zeros(rows, 4), dates, SEQ, PRED)
+    return WindowDataset(series, series, dates, SEQ, PRED)
 
 
 def test_memory_survives_save_and_load_bit_identically_and_changes_the_forward(tmp_path):

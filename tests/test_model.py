@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from model_helpers import TINY_MODEL
+from model_helpers import TINY_MODEL, whole_prompts
 
 from timellm_lib.config import Config, ConfigError, config_from_dict
 from timellm_lib.models import build_model
 from timellm_lib.models.layers import Patching, RevIN, n_patches
-from timellm_lib.models.prompt import build_prompts, prompt_statistics
+from timellm_lib.models.prompt import prompt_statistics
 from timellm_lib.models.timellm import TimeLLM
 
 SEQ, PRED = 32, 8
@@ -113,7 +113,7 @@ def test_published_prompt_text_and_compact_prompts_are_shorter():
         "trend": torch.tensor([-1.0]),
         "lags": torch.tensor([[7, 14, 1, 3, 16]]),
     }
-    (text,) = build_prompts(stats, cfg)
+    (text,) = whole_prompts(stats, cfg)
     assert text == (
         "<|start_prompt|>Dataset description: Toy data. Task description: forecast the next 8 "
         "steps given the previous 32 steps information; Input statistics: min value "
@@ -122,12 +122,12 @@ def test_published_prompt_text_and_compact_prompts_are_shorter():
     )
     compact_cfg = small_cfg(prompt_format="compact", description="Toy data. ")
     assert (
-        "min value 0.1, max value 2.5, median value -0.3, " in build_prompts(stats, compact_cfg)[0]
+        "min value 0.1, max value 2.5, median value -0.3, " in whole_prompts(stats, compact_cfg)[0]
     )
     random_stats = prompt_statistics(torch.randn(8, SEQ))
     tokenizer = TimeLLM(cfg, 1, 1).backbone.tokenizer
-    published = build_prompts(random_stats, cfg)
-    compact = build_prompts(random_stats, compact_cfg)
+    published = whole_prompts(random_stats, cfg)
+    compact = whole_prompts(random_stats, compact_cfg)
     for long, short in zip(published, compact, strict=True):
         assert len(tokenizer(short)["input_ids"]) < len(tokenizer(long)["input_ids"])
 
@@ -141,7 +141,7 @@ def two_series_with_different_prompt_lengths() -> torch.Tensor:
 def test_left_padding_puts_patches_last_and_padding_changes_nothing():
     model = seeded_model(small_cfg("S"), 1, 1).eval()
     x = two_series_with_different_prompt_lengths()
-    prompts = build_prompts(prompt_statistics(RevIN()(x)[0].squeeze(-1)), model.cfg)
+    prompts = whole_prompts(prompt_statistics(RevIN()(x)[0].squeeze(-1)), model.cfg)
     lengths = [len(model.backbone.tokenizer(p)["input_ids"]) for p in prompts]
     assert lengths[0] < lengths[1]
 

@@ -14,7 +14,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from model_helpers import TINY_MODEL
+from model_helpers import TINY_MODEL, whole_prompts
 
 import timellm_lib.models.timellm as timellm_module
 from timellm_lib.config import Config, config_from_dict
@@ -23,7 +23,6 @@ from timellm_lib.models.enhanced import EnhancedTimeLLM
 from timellm_lib.models.layers import RevIN, channel_rows
 from timellm_lib.models.prompt import (
     PromptTokenizer,
-    build_prompts,
     prompt_head,
     prompt_statistics,
     prompt_tails,
@@ -83,7 +82,7 @@ def test_head_tokenised_once_gives_the_ids_of_fresh_tokenisation(backbone, promp
     assert cached.splits and cached.head.numel() > 10
 
     ids, mask = cached(prompt_tails(stats, cfg)).padded()
-    fresh = tokenizer(build_prompts(stats, cfg), return_tensors="pt", padding=True)
+    fresh = tokenizer(whole_prompts(stats, cfg), return_tensors="pt", padding=True)
     assert torch.equal(ids, fresh["input_ids"]) and torch.equal(mask, fresh["attention_mask"])
     assert mask[:, 0].eq(0).any()  # some rows really are padded (on the left)
 

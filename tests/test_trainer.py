@@ -13,7 +13,8 @@ from trainer_helpers import assert_same_run, comparable_events, digests, tiny_co
 from timellm_lib.config import load_config
 from timellm_lib.data import build_datasets
 from timellm_lib.evaluation.metrics import evaluate
-from timellm_lib.models.baselines import MLP, DLinear, moving_average
+from timellm_lib.models.baselines import MLP, DLinear
+from timellm_lib.models.layers import moving_average
 from timellm_lib.models.output import Forecast
 from timellm_lib.training import TrainingError, train
 from timellm_lib.training import trainer as trainer_module
@@ -305,7 +306,7 @@ def test_baselines_shapes_and_decomposition(tmp_path):
         assert torch.equal(ms(x), ms(x[..., -1:]))  # MS forecasts the last (target) channel
     dropouts = [m for m in MLP(cfg, 7, 7).modules() if isinstance(m, nn.Dropout)]
     assert [d.p for d in dropouts] == [0.1]
-    level = torch.full((2, 48, 3), 4.0)
+    level = torch.full((2, 3, 48), 4.0)  # [rows, channels, time]
     assert torch.allclose(moving_average(level, 25), level)
 
     result = train(

@@ -20,6 +20,8 @@ import yaml
 
 from timellm_lib.errors import WorkbenchError
 
+BASE_KEY = "base"  # a config file's `base: other.yaml`, merged underneath it
+
 
 class ConfigError(WorkbenchError, ValueError):
     """A config value is unknown, of the wrong type or impossible; the message says the fix."""
@@ -30,7 +32,7 @@ class DataConfig:
     source: Literal["synthetic", "ett", "csv"] = "synthetic"  # synthetic is written to data/
     path: str = "data/synthetic_ett.csv"  # CSV file (ETT or generic); synthetic is written here
     freq: Literal["h", "15min"] = (
-        "h"  # ETTh* (hourly) or ETTm* (15 minutes): borders, time features
+        "h"  # ETTh* (hourly) or ETTm* (15 minutes): split borders, dates of forecasts
     )
     features: Literal["M", "S", "MS"] = "M"  # M: all->all, S: target->target, MS: all->target
     target: str = "OT"
@@ -188,32 +190,49 @@ def load_config(
 ) -> Config:
     """Build a validated Config from a YAML file, a dict and ``KEY=VALUE`` overrides.
 
-    Precedence: defaults < file < ``extra`` (nested dict) < ``overrides`` (dotted strings).
+    Precedence: defaults < the file's ``base`` chain < file < ``extra`` (nested dict) <
+    ``overrides`` (dotted strings).
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
-        if loaded is None:  # an empty file would silently run every default (hours of work)
-            raise ConfigError(
-                f"config file {path} is empty (or holds only comments), so every setting would "
-                "take its default (the full default run); write the sections you mean, or `{}` "
-                "on a line of its own to run the defaults on purpose"
-            )
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
-        raw = loaded
+    raw = _read_config_file(Path(path)) if path is not None else {}
     if extra:
         raw = _merge(raw, extra)
     for item in overrides or []:
         key, value = parse_override(item)
         raw = _merge(raw, _nest(key, value))
     return config_from_dict(raw)
+
+
+def _read_config_file(path: Path, including: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config as a dict, its ``base: other.yaml`` (relative to this file) merged
+    underneath, so a variant states only what differs from the file it builds on."""
+    if not path.is_file():
+        named = f", named as base by {including[-1]}" if including else ""
+        raise ConfigError(f"config file {path} does not exist{named}; pass an existing YAML file")
+    if path.resolve() in including:
+        chain = " -> ".join(str(p) for p in (*including, path.resolve()))
+        raise ConfigError(f"config files include each other in a circle ({chain}); remove a base")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if loaded is None:  # an empty file would silently run every default (hours of work)
+        raise ConfigError(
+            f"config file {path} is empty (or holds only comments), so every setting would "
+            "take its default (the full default run); write the sections you mean, or `{}` "
+            "on a line of its own to run the defaults on purpose"
+        )
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    base = loaded.pop(BASE_KEY, None)
+    if base is None:
+        return loaded
+    if not isinstance(base, str) or not base:
+        raise ConfigError(
+            f"config file {path}: {BASE_KEY} must be a file name (e.g. base: baseline.yaml), "
+            f"got {base!r}"
+        )
+    parent = _read_config_file(path.parent / base, (*including, path.resolve()))
+    return _merge(parent, loaded)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -440,10 +459,6 @@ def checkpoint_config(saved: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's stored config with the keys it predates filled in as it was trained,
     so an older checkpoint keeps computing what it computed."""
     return _merge(CHECKPOINT_DEFAULTS, saved)
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(cfg.to_yaml())
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

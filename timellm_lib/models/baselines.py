@@ -10,11 +10,10 @@ than inputs (features MS) the forecast is for the last input channel, the target
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from timellm_lib.config import Config
+from timellm_lib.models.layers import moving_average
 
 MOVING_AVG_KERNEL = 25
 MLP_HIDDEN = 64
@@ -23,15 +22,6 @@ MLP_HIDDEN = 64
 def _check_channels(n_in: int, n_out: int) -> None:
     if not 1 <= n_out <= n_in:
         raise ValueError(f"n_out = {n_out} must be between 1 and n_in = {n_in}")
-
-
-def moving_average(x: Tensor, kernel: int) -> Tensor:
-    """Centred moving average over time of x [B, L, C]; the ends are padded by repeating the
-    first and last rows so the output keeps length L (as in the DLinear paper's code)."""
-    front = x[:, :1].expand(-1, (kernel - 1) // 2, -1)
-    back = x[:, -1:].expand(-1, kernel // 2, -1)
-    padded = torch.cat([front, x, back], dim=1)
-    return F.avg_pool1d(padded.transpose(1, 2), kernel, stride=1).transpose(1, 2)
 
 
 class DLinear(nn.Module):
@@ -47,7 +37,7 @@ class DLinear(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         x = x[..., -self.n_out :]  # MS: only the target channel is forecast
-        trend = moving_average(x, MOVING_AVG_KERNEL)
+        trend = moving_average(x.transpose(1, 2), MOVING_AVG_KERNEL).transpose(1, 2)
         seasonal = x - trend
         out = self.seasonal(seasonal.transpose(1, 2)) + self.trend(trend.transpose(1, 2))
         return out.transpose(1, 2)  # [B, pred_len, n_out]

@@ -206,3 +206,12 @@ class TransformerStandIn(nn.Module):
 
     def forward(self, embeds: Tensor, mask: Tensor) -> Tensor:
         return self.block(embeds, src_key_padding_mask=mask == 0)
+
+
+def moving_average(x: Tensor, kernel: int) -> Tensor:
+    """Centred moving average over the last dimension of ``x [R, C, T]``; the ends repeat the
+    first and last values so the length stays T (the DLinear paper's padding)."""
+    if kernel == 1:
+        return x
+    padded = F.pad(x, ((kernel - 1) // 2, kernel // 2), mode="replicate")
+    return F.avg_pool1d(padded, kernel, stride=1)

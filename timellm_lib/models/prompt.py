@@ -45,13 +45,6 @@ def prompt_statistics(x_norm: Tensor, top_k_lags: int = 5) -> dict[str, Tensor]:
     }
 
 
-def build_prompts(stats: dict[str, Tensor], cfg: Config) -> list[str]:
-    """One prompt per series, in the published Time-LLM wording: ``prompt_head(cfg)`` followed
-    by that series' ``prompt_tails``."""
-    head = prompt_head(cfg)
-    return [head + tail for tail in prompt_tails(stats, cfg)]
-
-
 def prompt_head(cfg: Config) -> str:
     """The part of every prompt that does not depend on the series: dataset and task.
 

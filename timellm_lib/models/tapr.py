@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from timellm_lib.config import Config
 from timellm_lib.data.windows import WindowDataset
 from timellm_lib.models.gram import N_STATS, check_branch_inputs, window_statistics
+from timellm_lib.models.layers import moving_average
 
 UP, DOWN, FLAT = 0, 1, 2  # direction classes
 STRONG_UP, WEAK_UP, WEAK_DOWN, STRONG_DOWN = 0, 1, 2, 3  # magnitude classes
@@ -109,14 +110,6 @@ def apply_trend_fusion(pred: Tensor, adjustment: Tensor, reference: Tensor | Non
 
 
 # --------------------------------------------------------------------------- TAPR-DM
-
-
-def moving_average(x: Tensor, kernel: int) -> Tensor:
-    """Trend of ``x [R, d, T]``: centred moving average, odd kernel, replicate padding."""
-    if kernel == 1:
-        return x
-    pad = (kernel - 1) // 2
-    return F.avg_pool1d(F.pad(x, (pad, pad), mode="replicate"), kernel, stride=1)
 
 
 def _to_patches(x: Tensor, length: int) -> Tensor:

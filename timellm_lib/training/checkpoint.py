@@ -263,12 +263,6 @@ def select_resume_checkpoint(run_dir: str | Path, mode: str) -> tuple[Path, dict
     return path, _resumable(payload, path)
 
 
-def find_resume_checkpoint(run_dir: str | Path, mode: str) -> Path | None:
-    """Path of the checkpoint ``--resume mode`` would use (see select_resume_checkpoint)."""
-    found = select_resume_checkpoint(run_dir, mode)
-    return found[0] if found else None
-
-
 def _peek_step(path: Path) -> int | None:
     try:
         return int(load_checkpoint(path, peek=True)["global_step"])

@@ -902,7 +902,6 @@ def _restore(
             group["initial_lr"] = base_lr
             group["lr"] = base_lr * factor
         run.scheduler.base_lrs = [base_lr] * len(run.optimizer.param_groups)
-        run.scheduler._last_lr = [g["lr"] for g in run.optimizer.param_groups]
     elif "train.lr" in changes:
         log.warning(
             "train.lr changed from %s to %s but the optimizer keeps the checkpoint's lr; add "
