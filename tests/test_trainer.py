@@ -17,7 +17,7 @@ from timellm_lib.models.baselines import MLP, DLinear
 from timellm_lib.models.layers import moving_average
 from timellm_lib.models.output import Forecast
 from timellm_lib.training import TrainingError, train
-from timellm_lib.training import trainer as trainer_module
+from timellm_lib.training import resume as resume_module
 from timellm_lib.training.checkpoint import load_checkpoint, step_files
 from timellm_lib.training.early_stopping import EarlyStopping
 from timellm_lib.training.metrics_log import read_metrics
@@ -115,7 +115,7 @@ def test_resume_without_rng_state_is_not_identical(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path)
     train(cfg, run_dir=tmp_path / "reference", progress=False)
     train(cfg, run_dir=tmp_path / "resumed", max_steps=2, progress=False)
-    monkeypatch.setattr(trainer_module, "restore_rng_state", lambda state: None)
+    monkeypatch.setattr(resume_module, "restore_rng_state", lambda state: None)
     train(cfg, run_dir=tmp_path / "resumed", resume="auto", progress=False)
     final = "checkpoints/final.pt"
     assert digests(tmp_path / "resumed" / final) != digests(tmp_path / "reference" / final)

@@ -13,6 +13,7 @@ import os
 import sys
 import textwrap
 from collections.abc import Sequence
+from typing import Any
 
 from timellm_lib.config import load_config
 from timellm_lib.errors import WorkbenchError
@@ -39,7 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="timellm", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks for bad input")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_checkpoint_commands(sub)
+    _add_notebook_commands(sub)
+    _add_data(sub)
+    p = sub.add_parser("trace", help="stage-by-stage tensor shapes of the model")
+    _add_config_args(p)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true")
+    return parser
 
+
+def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train or resume a run")
     _add_config_args(p)
     p.add_argument("--run-dir", help="run directory (default outputs/<experiment>/<run_id>)")
@@ -61,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         "GPU, or K CPU processes); data.batch_size is the global batch, split across them",
     )
 
+
+def _add_checkpoint_commands(sub: Any) -> None:
     p = sub.add_parser("inspect", help="show a checkpoint's fields, sizes and digests")
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true")
@@ -81,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, metavar="FILE", help="predictions .csv or .npz")
 
+
+def _add_notebook_commands(sub: Any) -> None:
     p = sub.add_parser("plot", help="loss curves of runs to a PNG and a long-format CSV")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     p.add_argument(
@@ -112,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+
+def _add_data(sub: Any) -> None:
     p = sub.add_parser("data", help="get data sets: timellm data download ETTh1 [ETTh2 ...]")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("download", help="fetch ETT files from the ETDataset repository")
@@ -127,12 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also fetch files without a pinned sha256 (their sha256 is printed)",
     )
-
-    p = sub.add_parser("trace", help="stage-by-stage tensor shapes of the model")
-    _add_config_args(p)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--json", action="store_true")
-    return parser
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -336,12 +336,20 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 
 def validate(cfg: Config) -> None:
     """Reject impossible combinations before anything runs."""
+    _check_signs(cfg)
+    _check_ranges(cfg)
+    _check_combinations(cfg)
+    # d_ff > llm_dim is checked when the backbone is loaded: llm_dim comes from its config.
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_signs(cfg: Config) -> None:
+    """Counts that must be at least 1, amounts that must not be negative."""
     d, m, t = cfg.data, cfg.model, cfg.train
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(message)
-
     for key, value in [
         ("data.seq_len", d.seq_len),
         ("data.pred_len", d.pred_len),
@@ -364,7 +372,7 @@ def validate(cfg: Config) -> None:
         ("train.on_nan_max_reloads", t.on_nan_max_reloads),
         ("model.prompt_precision", m.prompt_precision),
     ]:
-        need(value >= 1, f"{key} = {value} must be at least 1")
+        _need(value >= 1, f"{key} = {value} must be at least 1")
     for key, value in [
         ("data.label_len", d.label_len),
         ("data.num_workers", d.num_workers),
@@ -383,62 +391,71 @@ def validate(cfg: Config) -> None:
         ("model.lambda_trend", m.lambda_trend),
         ("model.lambda_retrieval", m.lambda_retrieval),
     ]:
-        need(value >= 0, f"{key} = {value} must not be negative")
-    need(t.lr > 0, f"train.lr = {t.lr} must be positive")
-    need(
+        _need(value >= 0, f"{key} = {value} must not be negative")
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Values that must lie in an interval."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    _need(t.lr > 0, f"train.lr = {t.lr} must be positive")
+    _need(
         0.0 < t.on_nan_lr_factor <= 1.0,
         f"train.on_nan_lr_factor = {t.on_nan_lr_factor} must be in (0, 1]",
     )
-    need(
+    _need(
         d.seq_len >= m.patch_len,
         f"data.seq_len = {d.seq_len} is shorter than model.patch_len = {m.patch_len}; "
         "raise seq_len or lower patch_len",
     )
-    need(
+    _need(
         m.stride <= m.patch_len,
         f"model.stride = {m.stride} exceeds model.patch_len = {m.patch_len}; "
         "patches would skip time steps",
     )
-    need(
+    _need(
         d.label_len <= d.seq_len,
         f"data.label_len = {d.label_len} exceeds data.seq_len = {d.seq_len}",
     )
-    need(0 < d.percent <= 100, f"data.percent = {d.percent} must be in 1..100")
-    need(
+    _need(0 < d.percent <= 100, f"data.percent = {d.percent} must be in 1..100")
+    _need(0.0 <= m.dropout < 1.0, f"model.dropout = {m.dropout} must be in [0, 1)")
+    _need(0.0 <= t.ema_decay < 1.0, f"train.ema_decay = {t.ema_decay} must be in [0, 1)")
+    _need(0.0 < t.pct_start < 1.0, f"train.pct_start = {t.pct_start} must be in (0, 1)")
+    _need(0.0 < t.gamma <= 1.0, f"train.gamma = {t.gamma} must be in (0, 1]")
+
+
+def _check_combinations(cfg: Config) -> None:
+    """Settings that contradict each other, and names that must stay plain."""
+    d, m = cfg.data, cfg.model
+    _need(
         d.sample_unit == "window" or d.features != "MS",
         "data.sample_unit = channel makes every sample one channel, but features MS forecasts "
         "the target from all channels of a window; use data.sample_unit=window or features M",
     )
-    need(
+    _need(
         abs(sum(d.split) - 1.0) < 1e-6 and all(s > 0 for s in d.split),
         f"data.split = {list(d.split)} must be three positive fractions that add up to 1",
     )
-    need(0.0 <= m.dropout < 1.0, f"model.dropout = {m.dropout} must be in [0, 1)")
-    need(0.0 <= t.ema_decay < 1.0, f"train.ema_decay = {t.ema_decay} must be in [0, 1)")
-    need(0.0 < t.pct_start < 1.0, f"train.pct_start = {t.pct_start} must be in (0, 1)")
-    need(0.0 < t.gamma <= 1.0, f"train.gamma = {t.gamma} must be in (0, 1]")
-    need(
+    _need(
         m.memory_windows <= m.max_memory_size,
         f"model.memory_windows = {m.memory_windows} exceeds model.max_memory_size = "
         f"{m.max_memory_size}",
     )
     thresholds = [] if m.trend_thresholds == "auto" else list(m.trend_thresholds)
-    need(
+    _need(
         thresholds == sorted(set(thresholds)),
         f"model.trend_thresholds = {thresholds} must be strictly increasing (t1 < t2 < t3 < t4)",
     )
-    need(
+    _need(
         not (m.use_tapr or m.use_gram) or m.d_model % m.n_heads == 0,
         f"model.d_model = {m.d_model} is not divisible by model.n_heads = {m.n_heads}, which "
         "TAPR and GRA-M attention need; change one of them",
     )
-    need(bool(cfg.run.experiment.strip()), "run.experiment must not be empty")
+    _need(bool(cfg.run.experiment.strip()), "run.experiment must not be empty")
     for key, value in [("run.experiment", cfg.run.experiment), ("run.run_id", cfg.run.run_id)]:
-        need(
+        _need(
             "/" not in value and "\\" not in value and value not in {".", ".."},
             f"{key} = {value!r} must be a plain name (no path separators)",
         )
-    # d_ff > llm_dim is checked when the backbone is loaded: llm_dim comes from its config.
 
 
 def check_llm_dim(cfg: Config, llm_dim: int) -> None:

@@ -29,7 +29,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,30 +177,52 @@ def build_plan(
         entries.append([study, variant.name, variant.label, seed, param, value, by_config[digest]])
 
     for seed in seeds:
-        for variant in chosen:
-            add("variants", variant, seed, None, None, [])
-        for param, values in (sensitivity or {}).items():
-            if not isinstance(values, list | tuple) or not values:
-                raise WorkbenchError(
-                    f"sensitivity[{param!r}] must be a non-empty list of values, got {values!r}"
-                )
-            key = param if "." in param else f"model.{param}"
-            for value in values:
-                extra = [f"{key}={_yaml(value)}"]
-                add("sensitivity", _variant(sensitivity_variant), seed, param, value, extra)
-        for value in fusion_modes:
-            mode, _, form = str(value).partition("+")
-            extra = [f"model.fusion={_yaml(mode)}", *([f"model.fusion_form={form}"] * bool(form))]
-            add("fusion", _variant(fusion_variant), seed, "fusion", value, extra)
+        sweep = (chosen, sensitivity, sensitivity_variant, fusion_modes, fusion_variant)
+        for study, variant, param, value, extra in _seed_settings(*sweep):
+            add(study, variant, seed, param, value, extra)
     plan = Plan(root, planned, pd.DataFrame(entries, columns=ENTRY_COLUMNS))
     if fusion_modes:
-        first = plan.runs[plan.entries[plan.entries["study"] == "fusion"]["run"].iloc[0]]
-        if not first.resolve().model.use_tapr:
-            raise WorkbenchError(
-                f"fusion_variant {fusion_variant!r} has no TAPR (model.use_tapr is false), so "
-                "model.fusion changes nothing; choose tapr or full"
-            )
+        _check_fusion_variant(plan, fusion_variant)
     return plan
+
+
+def _seed_settings(
+    chosen: list[Variant],
+    sensitivity: dict[str, Sequence[Any]] | None,
+    sensitivity_variant: str,
+    fusion_modes: Sequence[str],
+    fusion_variant: str,
+) -> Iterator[tuple[str, Variant, str | None, Any, list[str]]]:
+    """(study, variant, setting, value, overrides) of every run one seed gets."""
+    for variant in chosen:
+        yield "variants", variant, None, None, []
+    for param, values in (sensitivity or {}).items():
+        if not isinstance(values, list | tuple) or not values:
+            raise WorkbenchError(
+                f"sensitivity[{param!r}] must be a non-empty list of values, got {values!r}"
+            )
+        key = param if "." in param else f"model.{param}"
+        for value in values:
+            yield (
+                "sensitivity",
+                _variant(sensitivity_variant),
+                param,
+                value,
+                [f"{key}={_yaml(value)}"],
+            )
+    for value in fusion_modes:
+        mode, _, form = str(value).partition("+")
+        extra = [f"model.fusion={_yaml(mode)}", *([f"model.fusion_form={form}"] * bool(form))]
+        yield "fusion", _variant(fusion_variant), "fusion", value, extra
+
+
+def _check_fusion_variant(plan: Plan, fusion_variant: str) -> None:
+    first = plan.runs[plan.entries[plan.entries["study"] == "fusion"]["run"].iloc[0]]
+    if not first.resolve().model.use_tapr:
+        raise WorkbenchError(
+            f"fusion_variant {fusion_variant!r} has no TAPR (model.use_tapr is false), so "
+            "model.fusion changes nothing; choose tapr or full"
+        )
 
 
 def _variant(name: str) -> Variant:
