@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from trainer_helpers import assert_same_run, tiny_config
 
+from timellm_lib.models import TrainingHooks
 from timellm_lib.models.baselines import MLP
 from timellm_lib.notebooks.describe import describe_checkpoint, format_description
 from timellm_lib.training import checkpoint as ckpt_module
@@ -173,7 +174,7 @@ def test_partial_load_reports_tensors_by_name(tmp_path):
         load_model_weights(longer, state)
 
 
-class Renamed(nn.Module):
+class Renamed(TrainingHooks, nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.layer = nn.Linear(48, 12)

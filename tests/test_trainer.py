@@ -13,6 +13,7 @@ from trainer_helpers import assert_same_run, comparable_events, digests, tiny_co
 from timellm_lib.config import load_config
 from timellm_lib.data import build_datasets
 from timellm_lib.evaluation.metrics import evaluate
+from timellm_lib.models import TrainableModel, TrainingHooks, build_model
 from timellm_lib.models.baselines import MLP, DLinear
 from timellm_lib.models.layers import moving_average
 from timellm_lib.models.output import Forecast
@@ -121,7 +122,7 @@ def test_resume_without_rng_state_is_not_identical(tmp_path, monkeypatch):
     assert digests(tmp_path / "resumed" / final) != digests(tmp_path / "reference" / final)
 
 
-class AuxModel(nn.Module):
+class AuxModel(TrainingHooks, nn.Module):
     """Returns a Forecast with an aux loss and a diagnostic, and has a build_memory hook."""
 
     def __init__(self, seq_len: int, pred_len: int) -> None:
@@ -130,9 +131,10 @@ class AuxModel(nn.Module):
         self.register_buffer("memory", torch.zeros(4))
         self.memory_builds = 0
 
-    def build_memory(self, dataset, generator: torch.Generator) -> None:
+    def build_memory(self, dataset, generator: torch.Generator) -> int:
         self.memory_builds += 1
         self.memory.copy_(torch.rand(4, generator=generator))
+        return 4
 
     def forward(self, x, y=None):
         pred = self.linear(x.transpose(1, 2)).transpose(1, 2) + self.memory.sum()
@@ -167,7 +169,7 @@ def test_aux_losses_warm_up_and_memory_is_built_once(tmp_path):
         assert event["loss"] == pytest.approx(event["mse"] + warmup * event["aux_trend"], rel=1e-6)
 
 
-class NaNAfter(nn.Module):
+class NaNAfter(TrainingHooks, nn.Module):
     def __init__(self, steps: int) -> None:
         super().__init__()
         self.linear = nn.Linear(48, 12)
@@ -316,3 +318,22 @@ def test_baselines_shapes_and_decomposition(tmp_path):
     )
     assert result.finished and result.test["n_windows"] == 109
     assert comparable_events(tmp_path / "d")[-1]["event"] == "test"
+
+
+class Bare(nn.Module):
+    """A forecaster that does not declare what the trainer may ask of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(48, 12)
+
+    def forward(self, x, y=None):
+        return self.linear(x.transpose(1, 2)).transpose(1, 2)
+
+
+def test_a_model_without_the_trainer_protocol_is_refused_by_name(tmp_path):
+    cfg = tiny_config(tmp_path, "train.epochs=1")
+    with pytest.raises(TrainingError, match=r"\(Bare\) lacks.*TrainableModel.*TrainingHooks"):
+        train(cfg, run_dir=tmp_path / "bare", progress=False, model=Bare())
+    for model in (build_model(cfg, 7, 7), NaNAfter(3), AuxModel(48, 12)):
+        assert isinstance(model, TrainableModel)

@@ -172,7 +172,7 @@ def _build(cfg: Config, n_in: int, n_out: int, path: Path, saved: dict[str, Any]
             "(model.backbone), which is not stored in checkpoints and must be loadable here: "
             f"{err}"
         ) from None
-    current = getattr(model, "backbone_fingerprint", None)
+    current = model.backbone_fingerprint
     if saved.get("fingerprint") != current:
         raise CheckpointError(
             f"checkpoint {path} belongs to backbone {saved.get('name')!r} (fingerprint "

@@ -6,12 +6,14 @@ from torch import nn
 
 from timellm_lib.config import Config
 from timellm_lib.models.output import Forecast, as_forecast
+from timellm_lib.models.protocol import TrainableModel, TrainingHooks
 
-__all__ = ["Forecast", "as_forecast", "build_model"]
+__all__ = ["Forecast", "TrainableModel", "TrainingHooks", "as_forecast", "build_model"]
 
 
 def build_model(cfg: Config, n_in: int, n_out: int) -> nn.Module:
-    """The model named by ``cfg.model.name`` for ``n_in`` input and ``n_out`` output channels."""
+    """The model named by ``cfg.model.name`` for ``n_in`` input and ``n_out`` output channels
+    (each implements :class:`TrainableModel`)."""
     name = cfg.model.name
     if name == "timellm":
         if cfg.model.use_tapr or cfg.model.use_gram:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from timellm_lib.config import Config
 from timellm_lib.models.layers import moving_average
+from timellm_lib.models.protocol import TrainingHooks
 
 MOVING_AVG_KERNEL = 25
 MLP_HIDDEN = 64
@@ -24,7 +25,7 @@ def _check_channels(n_in: int, n_out: int) -> None:
         raise ValueError(f"n_out = {n_out} must be between 1 and n_in = {n_in}")
 
 
-class DLinear(nn.Module):
+class DLinear(TrainingHooks, nn.Module):
     """DLinear (Zeng et al., 2023): split the history into trend (moving average) and
     seasonal (the rest), map each from seq_len to pred_len with one linear layer, and add."""
 
@@ -43,7 +44,7 @@ class DLinear(nn.Module):
         return out.transpose(1, 2)  # [B, pred_len, n_out]
 
 
-class MLP(nn.Module):
+class MLP(TrainingHooks, nn.Module):
     """Per-channel MLP seq_len -> 64 -> pred_len with dropout, on windows centred by their mean
     (added back afterwards), since a window's level says little about its shape."""
 

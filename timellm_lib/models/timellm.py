@@ -67,11 +67,12 @@ from timellm_lib.models.prompt import (
     prompt_statistics,
     prompt_tails,
 )
+from timellm_lib.models.protocol import TrainingHooks
 
 log = logging.getLogger(__name__)
 
 
-class TimeLLM(nn.Module):
+class TimeLLM(TrainingHooks, nn.Module):
     """Baseline Time-LLM for ``n_in`` input and ``n_out`` output channels.
 
     Features M and S forecast every input channel independently (n_in == n_out). MS forecasts

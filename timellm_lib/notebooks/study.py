@@ -320,8 +320,7 @@ def measure_cost(cfg: Config) -> dict[str, Any]:
         torch.manual_seed(cfg.train.seed)
         datasets = build_datasets(cfg.data)
         model = build_model(cfg, datasets.n_in, datasets.n_out)
-        if hasattr(model, "build_memory"):
-            model.build_memory(datasets.train, torch.Generator().manual_seed(cfg.train.seed))
+        model.build_memory(datasets.train, torch.Generator().manual_seed(cfg.train.seed))
         model.train()
         total = parameter_table(model).iloc[-1]
         x, y = fetch_batch(datasets.train, torch.arange(cfg.data.batch_size))

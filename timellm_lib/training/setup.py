@@ -18,7 +18,7 @@ from timellm_lib.config import Config
 from timellm_lib.data import build_datasets
 from timellm_lib.data.sampler import ResumableLoader
 from timellm_lib.data.windows import training_samples
-from timellm_lib.models import build_model
+from timellm_lib.models import TrainableModel, build_model
 from timellm_lib.training.distributed import World, distributed_session, from_main, on_main
 from timellm_lib.training.early_stopping import EarlyStopping
 from timellm_lib.training.ema import EMA
@@ -48,6 +48,12 @@ def build_run(
         datasets = build_datasets(data)
     if model is None:
         model = build_model(cfg, datasets.n_in, datasets.n_out)
+    elif not isinstance(model, TrainableModel):
+        raise TrainingError(
+            f"the model passed to train ({type(model).__name__}) lacks what the trainer asks of "
+            "a model (timellm_lib.models.TrainableModel); subclass "
+            "timellm_lib.models.TrainingHooks for its defaults"
+        )
     model.to(world.device)
     if t.compile:
         model.compile(dynamic=True)  # in place: state_dict keys stay those of the eager model
@@ -84,10 +90,8 @@ def start_fresh(run: Run) -> None:
     """A run from scratch: the model's data-dependent state, each rank's own dropout stream,
     a new log."""
     model, t = run.model, run.cfg.train
-    if hasattr(model, "init_trend_thresholds"):  # TAPR's auto thresholds: from the data
-        model.init_trend_thresholds(run.datasets.train)
-    if hasattr(model, "build_memory"):  # e.g. GRA-M: its buffers then live in checkpoints
-        model.build_memory(run.datasets.train, torch.Generator().manual_seed(t.seed))
+    model.init_trend_thresholds(run.datasets.train)  # TAPR's auto thresholds: from the data
+    model.build_memory(run.datasets.train, torch.Generator().manual_seed(t.seed))  # GRA-M
     if run.world.rank > 0:
         seed_rank(t.seed, run.world.rank)  # its own dropout masks
     on_main(run.world, partial(_open_fresh_log, run))

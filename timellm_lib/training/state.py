@@ -147,7 +147,7 @@ class Run:
 
 def backbone_record(cfg: Config, model: nn.Module) -> dict[str, str | None]:
     """The frozen backbone a checkpoint belongs to (name and fingerprint; None without one)."""
-    fingerprint = getattr(model, "backbone_fingerprint", None)
+    fingerprint = model.backbone_fingerprint
     return {"name": cfg.model.backbone if fingerprint else None, "fingerprint": fingerprint}
 
 

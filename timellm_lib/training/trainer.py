@@ -266,7 +266,7 @@ def _optimizer_step(run: Run, micro_batches: list, warmup: float) -> dict[str, f
     sums: dict[str, float] = {}
     windows = 0
     # a retrieval model (GRA-M) gets the samples' positions so it never retrieves itself
-    pass_index = getattr(run.model, "needs_window_index", False)
+    pass_index = run.model.needs_window_index
     for i, (x, y, idx) in enumerate(micro_batches):
         x, y = x.to(run.device), y.to(run.device)
         extra = {"window_index": idx.to(run.device)} if pass_index else {}
