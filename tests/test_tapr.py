@@ -259,6 +259,9 @@ def test_from_config_uses_model_settings() -> None:
     assert model.decomposition.kernels == (1, 4)
     out = model(torch.randn(2, n_patches(64), cfg.model.d_model), torch.randn(2, 64))
     assert out.trend_token.shape == (2, 1, 20) and out.adjustment.shape == (2, 12)
+    cfg.model.trend_thresholds = [-0.4, -0.1, 0.1, 0.4]
+    configured = TAPR.from_config(cfg, llm_dim=20).thresholds
+    assert torch.allclose(configured, torch.tensor([-0.4, -0.1, 0.1, 0.4]))
 
 
 def test_head_learns_the_direction_of_clear_trends() -> None:

@@ -53,7 +53,6 @@ from timellm_lib.models.gram import GRAM, GRAMOutput, query_positions_for
 from timellm_lib.models.layers import RevIN, Tap, channel_rows
 from timellm_lib.models.output import Forecast
 from timellm_lib.models.tapr import (
-    DEFAULT_THRESHOLDS,
     TAPR,
     TAPROutput,
     apply_trend_fusion,
@@ -75,23 +74,13 @@ class EnhancedTimeLLM(TimeLLM):
     """
 
     def __init__(self, cfg: Config, n_in: int, n_out: int, target_index: int = -1) -> None:
-        m, d = cfg.model, cfg.data
+        m = cfg.model
         n_prefix = TREND_TOKENS * m.use_tapr + RETRIEVAL_TOKENS * m.use_gram
         super().__init__(cfg, n_in, n_out, target_index, n_prefix=n_prefix)
         # Registered after the baseline's stages, so those are initialised exactly as in
         # the baseline for the same seed.
         if m.use_tapr:
-            self.tapr = TAPR(
-                m.d_model,
-                self.token_dim,
-                d.pred_len,
-                n_scales=m.n_scales,
-                n_heads=m.n_heads,
-                # auto: placeholders until init_trend_thresholds sees the training data
-                thresholds_init=DEFAULT_THRESHOLDS
-                if m.trend_thresholds == "auto"
-                else m.trend_thresholds,
-            )
+            self.tapr = TAPR.from_config(cfg, self.token_dim)
             self.trend_token = Tap()
             if m.fusion != "off":
                 self.trend_fusion = Tap()

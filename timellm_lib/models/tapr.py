@@ -463,8 +463,18 @@ class TAPR(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Config, llm_dim: int) -> TAPR:
+        """TAPR as the enhanced model builds it (``trend_thresholds = auto``: placeholders
+        until ``init_trend_thresholds`` sees the training data)."""
         m = cfg.model
-        return cls(m.d_model, llm_dim, cfg.data.pred_len, n_scales=m.n_scales, n_heads=m.n_heads)
+        thresholds = DEFAULT_THRESHOLDS if m.trend_thresholds == "auto" else m.trend_thresholds
+        return cls(
+            m.d_model,
+            llm_dim,
+            cfg.data.pred_len,
+            n_scales=m.n_scales,
+            n_heads=m.n_heads,
+            thresholds_init=tuple(thresholds),
+        )
 
     @property
     def thresholds(self) -> Tensor:
