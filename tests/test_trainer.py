@@ -337,3 +337,20 @@ def test_a_model_without_the_trainer_protocol_is_refused_by_name(tmp_path):
         train(cfg, run_dir=tmp_path / "bare", progress=False, model=Bare())
     for model in (build_model(cfg, 7, 7), NaNAfter(3), AuxModel(48, 12)):
         assert isinstance(model, TrainableModel)
+
+
+def test_step_values_are_read_from_the_device_at_once_and_exactly():
+    from timellm_lib.training.trainer import _host_values
+
+    parts = {
+        "loss": torch.tensor(0.1234567, dtype=torch.float32),
+        "one_element": torch.tensor([0.5]),
+        "python": 2.0,
+        "bf16": torch.tensor(0.3, dtype=torch.bfloat16),
+    }
+    assert _host_values(parts) == {
+        "loss": float(parts["loss"]),
+        "one_element": 0.5,
+        "python": 2.0,
+        "bf16": float(parts["bf16"]),
+    }

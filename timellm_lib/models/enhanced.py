@@ -252,14 +252,14 @@ class EnhancedTimeLLM(TimeLLM):
                 own, self._output_rows(series, batch), channel_rows(y_norm), m.lambda_trend
             )
             forecast.aux_losses["tapr"] = total
-            diagnostics.update(_floats(parts) | info)
-            diagnostics["tapr_adjustment_abs_mean"] = float(trend.adjustment.detach().abs().mean())
-            diagnostics["tapr_fusion_active"] = float(self.fusion_active)
+            diagnostics.update(_detached(parts) | info)
+            diagnostics["tapr_adjustment_abs_mean"] = trend.adjustment.detach().abs().mean()
+            diagnostics["tapr_fusion_active"] = float(self.fusion_active)  # a python bool
         if retrieved is not None:
             total, parts, info = GRAM.loss(retrieved, m.lambda_retrieval)
             forecast.aux_losses["gram"] = total
-            diagnostics.update(_floats(parts) | info)
+            diagnostics.update(_detached(parts) | info)
 
 
-def _floats(values: dict[str, Tensor]) -> dict[str, float]:
-    return {k: float(v.detach()) for k, v in values.items()}
+def _detached(values: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach() for k, v in values.items()}

@@ -634,7 +634,7 @@ class GRAMOutput:
     item_weights: Tensor  # [BN, K]
     retrieval: Retrieval
     losses: dict[str, Tensor] = field(default_factory=dict)  # raw (unweighted) gate losses
-    diagnostics: dict[str, float] = field(default_factory=dict)
+    diagnostics: dict[str, Tensor] = field(default_factory=dict)
 
 
 class GRAM(nn.Module):
@@ -687,7 +687,7 @@ class GRAM(nn.Module):
         self, patch_emb: Tensor, series: Tensor, query_positions: Tensor | None = None
     ) -> GRAMOutput:
         check_branch_inputs("GRAM", patch_emb, series)
-        if self.training and self.retriever.size and query_positions is None:
+        if self.training and query_positions is None and self.retriever.size:
             warnings.warn(
                 "GRA-M runs in training mode without query_positions: a training window may "
                 "retrieve its own future from the memory; pass gram.query_positions_for(starts, N)",
@@ -696,18 +696,16 @@ class GRAM(nn.Module):
         retrieval = self.retriever.retrieve(series, query_positions)
         fused = self.akg(patch_emb, retrieval)
         found = retrieval.valid.any(-1)
+        # detached tensors: the trainer reads them all at once (no device sync per value here)
+        size = self.retriever.memory_size.float()
         diagnostics = {
-            "gram_gate_mean": float(fused.gate.detach().mean()),
-            "gram_top_similarity": float(fused.confidence.detach()[found].mean())
-            if found.any()
-            else 0.0,
-            "gram_top_weight": float(retrieval.weights.detach()[found, 0].mean())
-            if found.any()
-            else 0.0,
-            "gram_found_fraction": float(found.float().mean()),
-            "gram_memory_size": float(self.retriever.size),
-            "gram_memory_empty": float(self.retriever.size == 0),
-            "gram_shape_weight": float(self.retriever.shape_weight.detach()),
+            "gram_gate_mean": fused.gate.detach().mean(),
+            "gram_top_similarity": _mean_where(fused.confidence.detach(), found),
+            "gram_top_weight": _mean_where(retrieval.weights.detach()[:, 0], found),
+            "gram_found_fraction": found.float().mean(),
+            "gram_memory_size": size,
+            "gram_memory_empty": (size == 0).float(),
+            "gram_shape_weight": self.retriever.shape_weight.detach(),
         }
         return GRAMOutput(
             patch_out=fused.patch_out,
@@ -723,7 +721,13 @@ class GRAM(nn.Module):
     @staticmethod
     def loss(
         out: GRAMOutput, lambda_retrieval: float = 0.3
-    ) -> tuple[Tensor, dict[str, Tensor], dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         """``(lambda_retrieval * (entropy + consistency), raw parts, diagnostics)``."""
         total = lambda_retrieval * sum(out.losses.values())
         return total, {f"gram_{k}": v for k, v in out.losses.items()}, dict(out.diagnostics)
+
+
+def _mean_where(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` where ``mask`` holds, 0 where it never does (no host sync)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)

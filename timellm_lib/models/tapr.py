@@ -499,7 +499,7 @@ class TAPR(nn.Module):
 
     def loss(
         self, out: TAPROutput, series: Tensor, future: Tensor, lambda_trend: float = 1.0
-    ) -> tuple[Tensor, dict[str, Tensor], dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         """``(lambda_trend * weighted sum, raw parts, diagnostics)`` from the true future.
 
         ``future`` is ``[B*N, H]`` in the same order and scale as ``series`` (use
@@ -526,12 +526,12 @@ class TAPR(nn.Module):
         diagnostics = {
             "tapr_direction_accuracy": _accuracy(out.direction_logits, labels.direction),
             "tapr_magnitude_accuracy": _accuracy(out.magnitude_logits, labels.magnitude),
-            "tapr_flat_fraction": float((labels.direction == FLAT).float().mean()),
-            "tapr_gate_mean": float(out.gate.detach().mean()),
-            **{f"tapr_threshold_{i + 1}": float(v) for i, v in enumerate(t)},
+            "tapr_flat_fraction": (labels.direction == FLAT).float().mean(),
+            "tapr_gate_mean": out.gate.detach().mean(),
+            **{f"tapr_threshold_{i + 1}": v for i, v in enumerate(t)},
         }
         return total, {f"tapr_{k}": v for k, v in parts.items()}, diagnostics
 
 
-def _accuracy(logits: Tensor, labels: Tensor) -> float:
-    return float((logits.detach().argmax(-1) == labels).float().mean())
+def _accuracy(logits: Tensor, labels: Tensor) -> Tensor:
+    return (logits.detach().argmax(-1) == labels).float().mean()

@@ -280,8 +280,7 @@ def _optimizer_step(run: Run, micro_batches: list, warmup: float) -> dict[str, f
             (run.scaler.scale(backward) if run.scaler else backward).backward()
         windows += len(x)
         parts = {"loss": loss, "mse": mse, **aux, **out.diagnostics}
-        for k, v in parts.items():
-            value = float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+        for k, value in _host_values(parts).items():
             sums[k] = sums.get(k, 0.0) + value / len(micro_batches)
     # a NaN on one rank reaches every rank: through this mean and the averaged gradients
     sums = window_mean(run.world, sums, windows)
@@ -302,6 +301,16 @@ def _optimizer_step(run: Run, micro_batches: list, warmup: float) -> dict[str, f
     if run.ema:
         run.ema.update(run.model)
     return sums
+
+
+def _host_values(parts: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Scalars as python floats, the tensors among them read from the device in one copy."""
+    tensors = {
+        k: v.detach().float().reshape(()) for k, v in parts.items() if isinstance(v, torch.Tensor)
+    }
+    read = torch.stack(list(tensors.values())).tolist() if tensors else []
+    values = dict(zip(tensors, read, strict=True))
+    return {k: values[k] if k in values else float(v) for k, v in parts.items()}
 
 
 def _gradient_sync(run: Run, last: bool) -> AbstractContextManager:
