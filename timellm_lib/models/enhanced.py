@@ -142,42 +142,6 @@ class EnhancedTimeLLM(TimeLLM):
         self.tapr.head.set_thresholds(values)
         return values
 
-    # -------------------------------------------------------------------------- tracing
-
-    def trace_stages(self) -> dict[str, tuple[str, str]]:
-        m = self.cfg.model
-        base = super().trace_stages()
-        extra = {}
-        if m.use_tapr:
-            kernels = ", ".join(str(4**s) for s in range(m.n_scales))
-            extra["tapr.decomposition"] = (
-                "TAPR-DM",
-                f"{m.n_scales} scales (pooling {kernels}), cross-scale attention",
-            )
-            extra["trend_token"] = ("Trend Token", "TAPR-C2F trend class -> 1 LLM token")
-        if m.use_gram:
-            extra["gram.akg"] = (
-                "GRA-M",
-                f"top-{m.top_k} retrieval, gated cross-attention fusion of retrieved futures",
-            )
-            extra["retrieval_tokens"] = ("Retrieval Tokens", "context, confidence -> 2 tokens")
-        stages = {}
-        for path, stage in base.items():
-            stages[path] = stage
-            if path == "patch_embedding":
-                stages.update(extra)
-        if hasattr(self, "trend_fusion"):
-            formula = {
-                "reference": "pred + adj * |pred - last input|",
-                "multiplicative": "pred * (1 + adj)",
-            }[m.fusion_form]
-            stages["trend_fusion"] = ("Trend Fusion", f"fusion={m.fusion}: {formula}")
-        return stages
-
-    def _llm_input_note(self) -> str:
-        tokens = ["trend"] * self.cfg.model.use_tapr + ["retrieval x2"] * self.cfg.model.use_gram
-        return f"[pad ; {' ; '.join(tokens)} ; prompt ; patches], patches last"
-
     # -------------------------------------------------------------------------- forward
 
     def forward(

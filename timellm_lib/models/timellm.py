@@ -179,73 +179,6 @@ class TimeLLM(TrainingHooks, nn.Module):
             self.backbone.model.train(mode and self.cfg.model.backbone_dropout)
         return self
 
-    def trace_stages(self) -> dict[str, tuple[str, str]]:
-        """Submodule path -> (stage name, note) for ``timellm_lib.notebooks.tracing``, in forward order."""
-        m = self.cfg.model
-        stages = {
-            "normalize": ("Instance Norm", "RevIN: per-series mean/std over time, no affine"),
-            "channel_independence": ("Channel Independence", "[B, L, N] -> [B*N, L, 1]"),
-            "patching": (
-                "Patching",
-                f"replication pad {m.stride}, P = (L - {m.patch_len})//{m.stride} + 2 "
-                f"= {self.n_patch}",
-            ),
-            "patch_embedding": ("Patch Embedding", "circular Conv1d (kernel 3) to d_model"),
-        }
-        if self.backbone is None:
-            positions = self.head.linear.in_features // m.d_model
-            stages["head"] = (
-                "Head",
-                f"no_llm: FlattenHead d_model*{positions} -> pred_len, no LLM, no prompt",
-            )
-        else:
-            stages.update(self._language_stages())
-        if hasattr(self, "channel_mixing"):
-            stages["channel_mixing"] = ("Channel Mixing", "MS: Linear(n_in -> 1) to the target")
-        return stages
-
-    def _language_stages(self) -> dict[str, tuple[str, str]]:
-        m, b = self.cfg.model, self.backbone
-        if self.llm_standin is None:
-            llm = f"frozen {b.name}, {b.n_layers} layers"
-        else:
-            kind = type(self.llm_standin).__name__
-            llm = f"{m.llm_ablation}: one trainable {kind} replaces {b.name}"
-        return {
-            "text_prototypes": (
-                "Text Prototypes",
-                f"Linear(vocab -> {m.num_tokens}) of the frozen word embeddings",
-            ),
-            "reprogramming": (
-                "Reprogramming",
-                f"{m.n_heads} heads x d_keys {m.d_ff} over the prototypes, to llm_dim",
-            ),
-            "prompt_embedding": ("Prompt Embedding", self._prompt_note()),
-            "llm_input": ("LLM Input", self._llm_input_note()),
-            "llm_output": ("LLM Output", self._llm_output_note(llm)),
-            "llm_features": ("LLM Features", f"first d_ff = {m.d_ff} features of the last P"),
-            "head": ("Head", "FlattenHead: d_ff*P -> pred_len"),
-        }
-
-    def _llm_output_note(self, llm: str) -> str:
-        if self._keeps_patches_only():
-            return f"{llm}; its final layer computes only the last P (patch) positions"
-        return llm
-
-    def _llm_input_note(self) -> str:
-        if self._caches_prefix(None):
-            return "[per-series prompt ; patches] after the cached head, patches last"
-        return "[prompt ; patches], patches last"
-
-    def _prompt_note(self) -> str:
-        if self._caches_prefix(None):
-            n_head = self.prompt_tokenizer.head.numel()
-            return (
-                f"per-series prompt tokens, left-padded; the shared head ({n_head} tokens) "
-                "runs once per batch into a key/value cache"
-            )
-        return "left-padded prompt tokens, word embeddings"
-
     # --------------------------------------------------------------------------- forward
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Forecast:
@@ -278,7 +211,7 @@ class TimeLLM(TrainingHooks, nn.Module):
         patches = self.reprogramming(tokens, prototypes)  # [B*N, P, llm_dim]
         stats = prompt_statistics(series, self.cfg.model.top_k_lags)
         prompts = self.prompt_tokenizer(prompt_tails(stats, self.cfg))
-        if self._caches_prefix(prefix):
+        if self.caches_prefix(prefix):
             hidden = self._encode_after_cached_head(prompts, patches)
         else:
             embeds, mask = self.llm_inputs(prompts, patches, prefix)
@@ -326,10 +259,10 @@ class TimeLLM(TrainingHooks, nn.Module):
         if self.llm_standin is not None:
             return self.llm_standin(embeds, mask)
         self._check_positions(embeds.shape[1])
-        keep = self.n_patch if self._keeps_patches_only() else None
+        keep = self.n_patch if self.keeps_patches_only() else None
         return self.backbone.encode(embeds, mask, keep_last=keep)
 
-    def _keeps_patches_only(self) -> bool:
+    def keeps_patches_only(self) -> bool:
         """Whether the LLM's final layer runs for the patch positions alone
         (``model.last_layer_patches_only``): only they reach the head, so this is exact."""
         b = self.backbone
@@ -340,7 +273,7 @@ class TimeLLM(TrainingHooks, nn.Module):
             and b.last_layer is not None
         )
 
-    def _caches_prefix(self, prefix: Tensor | None) -> bool:
+    def caches_prefix(self, prefix: Tensor | None) -> bool:
         """Whether the prompt head runs once per batch from a key/value cache
         (``model.prefix_cache``): exact, so used whenever possible. That needs a causal LLM
         (the head never attends to what follows it), no stand-in, no extra tokens before
