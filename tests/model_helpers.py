@@ -13,8 +13,8 @@ TINY_MODEL = {
 }
 
 
-def whole_prompts(stats, cfg) -> list[str]:
+def whole_prompts(stats, hp) -> list[str]:
     """Each series' whole prompt text as the model builds it: the shared head, then its tail."""
     from timellm_lib.models.prompt import prompt_head, prompt_tails
 
-    return [prompt_head(cfg) + tail for tail in prompt_tails(stats, cfg)]
+    return [prompt_head(hp) + tail for tail in prompt_tails(stats, hp)]

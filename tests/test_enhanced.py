@@ -13,6 +13,7 @@ from timellm_lib.data.windows import WindowDataset
 from timellm_lib.models import build_model
 from timellm_lib.models.enhanced import EnhancedTimeLLM
 from timellm_lib.models.layers import RevIN
+from timellm_lib.models.params import ModelParams
 from timellm_lib.models.prompt import prompt_statistics
 from timellm_lib.models.tapr import DOWN, UP
 from timellm_lib.models.timellm import TimeLLM
@@ -50,7 +51,9 @@ def small_cfg(features: str = "M", seq_len: int = SEQ, pred_len: int = PRED, **m
 
 def seeded(cfg: Config, n_in: int, n_out: int, seed: int = 0, cls=None):
     torch.manual_seed(seed)
-    return (cls or build_model)(cfg, n_in, n_out)
+    if cls is None:
+        return build_model(cfg, n_in, n_out)
+    return cls(ModelParams.from_config(cfg), n_in, n_out)
 
 
 def training_series(rows: int = 120, channels: int = 2, seed: int = 0) -> torch.Tensor:
@@ -194,7 +197,7 @@ def test_extra_tokens_follow_the_padding_and_padding_changes_nothing():
     square = torch.tensor([1.0, -1.0]).repeat(SEQ // 2)  # compact statistics: a short prompt
     noise = torch.randn(SEQ, generator=torch.Generator().manual_seed(3)) * 3 + 2
     x = torch.stack([square, noise]).unsqueeze(-1)
-    prompts = whole_prompts(prompt_statistics(RevIN()(x)[0][..., 0]), model.cfg)
+    prompts = whole_prompts(prompt_statistics(RevIN()(x)[0][..., 0]), model.hp)
     lengths = [len(model.backbone.tokenizer(p)["input_ids"]) for p in prompts]
     pad = lengths[1] - lengths[0]
     assert pad > 0

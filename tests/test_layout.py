@@ -72,3 +72,19 @@ def test_package_top_level_holds_only_the_base_modules() -> None:
     assert top == sorted(["__init__.py", "cli.py", *BASE_MODULES])
     folders = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists())
     assert folders == ["data", "evaluation", "models", "notebooks", "training"]
+
+
+def test_no_model_reads_the_run_config() -> None:
+    """Models are built from ModelParams; only models/params.py (which builds them) and
+    build_model see the run Config."""
+    builders = {"params.py", "__init__.py"}
+    readers = [
+        path.name
+        for path in sorted((PACKAGE / "models").glob("*.py"))
+        if path.name not in builders and "timellm_lib.config.Config" in imported_modules_full(path)
+    ]
+    assert readers == []
+
+
+def imported_modules_full(path: Path) -> list[str]:
+    return [f"timellm_lib.{name}" for name in imported_modules(path)]

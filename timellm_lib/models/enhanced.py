@@ -47,11 +47,11 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from timellm_lib.config import Config
 from timellm_lib.data.windows import WindowDataset
 from timellm_lib.models.gram import GRAM, GRAMOutput, query_positions_for
 from timellm_lib.models.layers import RevIN, Tap, channel_rows
 from timellm_lib.models.output import Forecast
+from timellm_lib.models.params import ModelParams
 from timellm_lib.models.tapr import (
     TAPR,
     TAPROutput,
@@ -73,25 +73,25 @@ class EnhancedTimeLLM(TimeLLM):
     channels (``data.sample_unit = channel``), masks overlapping memory entries (GRA-M).
     """
 
-    def __init__(self, cfg: Config, n_in: int, n_out: int, target_index: int = -1) -> None:
-        m = cfg.model
+    def __init__(self, hp: ModelParams, n_in: int, n_out: int, target_index: int = -1) -> None:
+        m = hp.model
         n_prefix = TREND_TOKENS * m.use_tapr + RETRIEVAL_TOKENS * m.use_gram
-        super().__init__(cfg, n_in, n_out, target_index, n_prefix=n_prefix)
+        super().__init__(hp, n_in, n_out, target_index, n_prefix=n_prefix)
         # Registered after the baseline's stages, so those are initialised exactly as in
         # the baseline for the same seed.
         if m.use_tapr:
-            self.tapr = TAPR.from_config(cfg, self.token_dim)
+            self.tapr = TAPR.from_params(hp, self.token_dim)
             self.trend_token = Tap()
             if m.fusion != "off":
                 self.trend_fusion = Tap()
         if m.use_gram:
-            self.gram = GRAM.from_config(cfg, self.token_dim)
+            self.gram = GRAM.from_params(hp, self.token_dim)
             self.retrieval_tokens = Tap()
 
     @property
     def needs_window_index(self) -> bool:
         """True when training batches should pass ``window_index`` (GRA-M leakage mask)."""
-        return self.cfg.model.use_gram
+        return self.hp.model.use_gram
 
     @property
     def skips_parameters(self) -> bool:
@@ -99,7 +99,7 @@ class EnhancedTimeLLM(TimeLLM):
         TAPR's fusion gate with ``model.fusion = off`` (nothing reads it), GRA-M's retriever
         and gate with an empty memory (``build_memory = false`` or ``memory_windows = 0``).
         A distributed run must then tell DDP to look for unused parameters."""
-        m = self.cfg.model
+        m = self.hp.model
         idle_gate = m.use_tapr and m.fusion == "off"
         empty_memory = m.use_gram and (not m.build_memory or m.memory_windows == 0)
         return idle_gate or empty_memory
@@ -107,8 +107,8 @@ class EnhancedTimeLLM(TimeLLM):
     @property
     def fusion_active(self) -> bool:
         """Whether trend fusion is applied in the current mode (``model.fusion``)."""
-        mode = self.cfg.model.fusion
-        return self.cfg.model.use_tapr and (
+        mode = self.hp.model.fusion
+        return self.hp.model.use_tapr and (
             mode == "always" or (mode == "train_only" and self.training)
         )
 
@@ -125,7 +125,7 @@ class EnhancedTimeLLM(TimeLLM):
         ``model.build_memory``. Call it once on a fresh start only: the memory is a set of
         buffers, so a resumed run gets it back from the checkpoint.
         """
-        m = self.cfg.model
+        m = self.hp.model
         if not (m.use_gram and m.build_memory):
             return 0
         series = train.series() if isinstance(train, WindowDataset) else train
@@ -136,7 +136,7 @@ class EnhancedTimeLLM(TimeLLM):
         training split's labels (see :mod:`timellm_lib.models.tapr`) and return them; None
         when TAPR is off or the thresholds are configured. Call it once on a fresh start:
         the thresholds are parameters, so a resumed run gets them from the checkpoint."""
-        if not (self.cfg.model.use_tapr and self.cfg.model.trend_thresholds == "auto"):
+        if not (self.hp.model.use_tapr and self.hp.model.trend_thresholds == "auto"):
             return None
         values = quantile_thresholds(training_changes(train, self.target_index))
         self.tapr.head.set_thresholds(values)
@@ -154,11 +154,11 @@ class EnhancedTimeLLM(TimeLLM):
         tokens = self.embed_patches(series)
         prefix = []
         trend = retrieved = None
-        if self.cfg.model.use_tapr:
+        if self.hp.model.use_tapr:
             trend = self.tapr(tokens, series)
             tokens = trend.patch_out
             prefix.append(self.trend_token(trend.trend_token))
-        if self.cfg.model.use_gram:
+        if self.hp.model.use_gram:
             positions = None
             if window_index is not None:
                 positions = window_index.to(x.device)
@@ -172,7 +172,7 @@ class EnhancedTimeLLM(TimeLLM):
         if trend is not None and self.fusion_active:
             adjustment = self._output_rows(trend.adjustment, x.shape[0])
             reference = None
-            if self.cfg.model.fusion_form == "reference":  # the labels' reference point
+            if self.hp.model.fusion_form == "reference":  # the labels' reference point
                 reference = self._output_rows(series[:, -1], x.shape[0])
             pred = self.trend_fusion(apply_trend_fusion(pred, adjustment, reference))
         forecast = Forecast(pred=RevIN.denormalize(pred, mean, std))
@@ -201,7 +201,7 @@ class EnhancedTimeLLM(TimeLLM):
         so TAPR's labels come from the same series it saw. For MS only the target channel
         has a true future: the TAPR loss uses the target's rows.
         """
-        m = self.cfg.model
+        m = self.hp.model
         diagnostics = forecast.diagnostics
         if trend is not None:
             batch = y_norm.shape[0]

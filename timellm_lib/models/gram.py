@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from timellm_lib.config import Config
+from timellm_lib.models.params import ModelParams
 
 N_STATS = 6  # mean, std, min, max, last, slope
 _MASKED = -1e4  # additive logit for masked items: exp() underflows to 0, no inf arithmetic
@@ -660,11 +660,11 @@ class GRAM(nn.Module):
         self.akg = AdaptiveKnowledgeGate(d_model, pred_len, llm_dim, n_heads)
 
     @classmethod
-    def from_config(cls, cfg: Config, llm_dim: int) -> GRAM:
-        m = cfg.model
+    def from_params(cls, hp: ModelParams, llm_dim: int) -> GRAM:
+        m = hp.model
         return cls(
-            seq_len=cfg.data.seq_len,
-            pred_len=cfg.data.pred_len,
+            seq_len=hp.window.seq_len,
+            pred_len=hp.window.pred_len,
             d_model=m.d_model,
             llm_dim=llm_dim,
             d_repr=m.d_repr,

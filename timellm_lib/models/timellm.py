@@ -43,7 +43,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from timellm_lib.config import Config, ConfigError, check_llm_dim
+from timellm_lib.config import ConfigError, check_llm_dim
 from timellm_lib.models.backbones import Backbone, load_backbone
 from timellm_lib.models.layers import (
     AttentionStandIn,
@@ -60,6 +60,7 @@ from timellm_lib.models.layers import (
     rows_to_channels,
 )
 from timellm_lib.models.output import Forecast
+from timellm_lib.models.params import ModelParams
 from timellm_lib.models.prompt import (
     PromptIds,
     PromptTokenizer,
@@ -90,12 +91,12 @@ class TimeLLM(TrainingHooks, nn.Module):
     """
 
     def __init__(
-        self, cfg: Config, n_in: int, n_out: int, target_index: int = -1, n_prefix: int = 0
+        self, hp: ModelParams, n_in: int, n_out: int, target_index: int = -1, n_prefix: int = 0
     ) -> None:
         super().__init__()
-        m, d = cfg.model, cfg.data
+        m, d = hp.model, hp.window
         _check_channels(d.features, n_in, n_out)
-        self.cfg = cfg
+        self.hp = hp
         self.n_in, self.n_out = n_in, n_out
         self.target_index = target_index % n_in
         self.n_patch = n_patches(d.seq_len, m.patch_len, m.stride)
@@ -103,7 +104,7 @@ class TimeLLM(TrainingHooks, nn.Module):
         self.backbone: Backbone | None = None
         if m.llm_ablation != "no_llm":
             self.backbone = load_backbone(m.backbone, m.llm_layers, m.backbone_dropout)
-            check_llm_dim(cfg, self.backbone.llm_dim)
+            check_llm_dim(m, self.backbone.llm_dim)
             _warn_unavailable_speed_paths(self.backbone, self.speed_paths())
         # width of the tokens decode() reads: the LLM's, or d_model without an LLM
         self.token_dim = m.d_model if self.backbone is None else self.backbone.llm_dim
@@ -122,9 +123,9 @@ class TimeLLM(TrainingHooks, nn.Module):
                 m.d_model, m.n_heads, m.d_ff, self.token_dim, m.dropout
             )
             ramp = torch.linspace(-1.0, 1.0, d.seq_len).unsqueeze(0)  # any series will do
-            sample_tail = prompt_tails(prompt_statistics(ramp, m.top_k_lags), cfg)[0]
+            sample_tail = prompt_tails(prompt_statistics(ramp, m.top_k_lags), hp)[0]
             self.prompt_tokenizer = PromptTokenizer(
-                self.backbone.tokenizer, prompt_head(cfg), sample_tail
+                self.backbone.tokenizer, prompt_head(hp), sample_tail
             )
             self.prompt_embedding = Tap()
             self.llm_input = Tap()
@@ -143,7 +144,7 @@ class TimeLLM(TrainingHooks, nn.Module):
     def speed_paths(self) -> dict[str, str]:
         """Each exact speed switch of the config -> ``on``, ``off (config)`` or why the
         backbone cannot use it (see :meth:`Backbone.speed_path`); shown by ``timellm trace``."""
-        m, b = self.cfg.model, self.backbone
+        m, b = self.hp.model, self.backbone
         asked = {
             "model.prefix_cache": m.prefix_cache,
             "model.last_layer_patches_only": m.last_layer_patches_only,
@@ -176,7 +177,7 @@ class TimeLLM(TrainingHooks, nn.Module):
         """The frozen LLM stays in eval mode unless ``model.backbone_dropout``."""
         super().train(mode)
         if self.backbone is not None:
-            self.backbone.model.train(mode and self.cfg.model.backbone_dropout)
+            self.backbone.model.train(mode and self.hp.model.backbone_dropout)
         return self
 
     # --------------------------------------------------------------------------- forward
@@ -209,14 +210,14 @@ class TimeLLM(TrainingHooks, nn.Module):
             return self.head(tokens if prefix is None else torch.cat([prefix, tokens], dim=1))
         prototypes = self.text_prototypes(self.backbone.word_embeddings)
         patches = self.reprogramming(tokens, prototypes)  # [B*N, P, llm_dim]
-        stats = prompt_statistics(series, self.cfg.model.top_k_lags)
-        prompts = self.prompt_tokenizer(prompt_tails(stats, self.cfg))
+        stats = prompt_statistics(series, self.hp.model.top_k_lags)
+        prompts = self.prompt_tokenizer(prompt_tails(stats, self.hp))
         if self.caches_prefix(prefix):
             hidden = self._encode_after_cached_head(prompts, patches)
         else:
             embeds, mask = self.llm_inputs(prompts, patches, prefix)
             hidden = self.llm_output(self.language_model(embeds, mask))
-        return self.head(self.llm_features(hidden[:, -self.n_patch :, : self.cfg.model.d_ff]))
+        return self.head(self.llm_features(hidden[:, -self.n_patch :, : self.hp.model.d_ff]))
 
     def to_channels(
         self, rows: Tensor, batch_size: int, mean: Tensor, std: Tensor
@@ -267,7 +268,7 @@ class TimeLLM(TrainingHooks, nn.Module):
         (``model.last_layer_patches_only``): only they reach the head, so this is exact."""
         b = self.backbone
         return (
-            self.cfg.model.last_layer_patches_only
+            self.hp.model.last_layer_patches_only
             and self.llm_standin is None
             and b is not None
             and b.last_layer is not None
@@ -281,7 +282,7 @@ class TimeLLM(TrainingHooks, nn.Module):
         the LLM in eval mode (with its dropout on, every row draws its own head)."""
         b = self.backbone
         return (
-            self.cfg.model.prefix_cache
+            self.hp.model.prefix_cache
             and prefix is None
             and self.llm_standin is None
             and b.can_cache_prefix
@@ -321,7 +322,7 @@ class TimeLLM(TrainingHooks, nn.Module):
     def _check_input(self, x: Tensor) -> None:
         """Every input channel, or (features M and S, where each channel is forecast on its
         own) a single channel: the samples of ``data.sample_unit = channel``."""
-        expected = (self.cfg.data.seq_len, self.n_in)
+        expected = (self.hp.window.seq_len, self.n_in)
         single = self.n_in == self.n_out and x.dim() == 3 and x.shape[2] == 1
         if x.dim() != 3 or (tuple(x.shape[1:]) != expected and not single):
             raise ValueError(

@@ -140,7 +140,7 @@ def _stages(model: nn.Module) -> dict[str, tuple[str, str]]:
 
 def _timellm_stages(model: TimeLLM) -> dict[str, tuple[str, str]]:
     """The baseline Time-LLM's stages in forward order."""
-    m = model.cfg.model
+    m = model.hp.model
     stages = {
         "normalize": ("Instance Norm", "RevIN: per-series mean/std over time, no affine"),
         "channel_independence": ("Channel Independence", "[B, L, N] -> [B*N, L, 1]"),
@@ -165,7 +165,7 @@ def _timellm_stages(model: TimeLLM) -> dict[str, tuple[str, str]]:
 
 
 def _language_stages(model: TimeLLM) -> dict[str, tuple[str, str]]:
-    m, b = model.cfg.model, model.backbone
+    m, b = model.hp.model, model.backbone
     if model.llm_standin is None:
         llm = f"frozen {b.name}, {b.n_layers} layers"
     else:
@@ -214,7 +214,7 @@ def _prompt_note(model: TimeLLM) -> str:
 
 def _enhanced_stages(model: EnhancedTimeLLM) -> dict[str, tuple[str, str]]:
     """The enhanced model's stages: TAPR and GRA-M after the patch embedding."""
-    m = model.cfg.model
+    m = model.hp.model
     base = _timellm_stages(model)
     extra = {}
     if m.use_tapr:
@@ -245,7 +245,7 @@ def _enhanced_stages(model: EnhancedTimeLLM) -> dict[str, tuple[str, str]]:
 
 
 def _enhanced_llm_input_note(model: EnhancedTimeLLM) -> str:
-    m = model.cfg.model
+    m = model.hp.model
     tokens = ["trend"] * m.use_tapr + ["retrieval x2"] * m.use_gram
     return f"[pad ; {' ; '.join(tokens)} ; prompt ; patches], patches last"
 
