@@ -1,43 +1,16 @@
 """Enhanced Time-LLM: the baseline plus TAPR (trend) and GRA-M (retrieval), each switchable.
 
-The baseline's stages are reused unchanged (:class:`~timellm_lib.models.timellm.TimeLLM`);
-the two module families sit between the patch embedding and the reprogramming:
+Both sit between the patch embedding and the reprogramming; their tokens go before the
+prompt, ``[pad..., trend, retrieval, prompt, patches]`` (padding first, so the extra tokens'
+positions do not depend on padding; patches last, where the head reads them), and trend
+fusion follows the channel mix. A disabled module adds no parameters, so with both off this
+is the baseline, forecast for forecast. With ``y`` given, the lambda-weighted auxiliary
+losses and the diagnostics come back in the :class:`Forecast`.
 
-1. RevIN, channel independence, patching, patch embedding  -> tokens [B*N, P, d_model]
-2. TAPR (``model.use_tapr``): multi-scale decomposition of the tokens and a coarse-to-fine
-   trend head on the instance-normalised series -> refined tokens, one trend token
-3. GRA-M (``model.use_gram``): retrieval of similar *training* windows on the series in
-   dataset scale (the scale the memory is built in), gated fusion of their futures
-   -> refined tokens, two retrieval tokens (context, confidence)
-4. reprogramming, prompt, LLM (or its ablation), head on the last P positions. The LLM input
-   is ``[pad..., trend, retrieval, prompt, patches]``: padding first, so the mask-derived
-   positions of the extra tokens and the prompt do not depend on how much a row is padded,
-   and the patches stay the last P positions (1 + 2 + prompt + P tokens with both on).
-5. channel mix (MS), then trend fusion in normalised space (``model.fusion_form``:
-   ``reference``, the default, moves the forecast in the predicted direction by at most half
-   its distance from the last input value, the trend labels' reference; ``multiplicative``,
-   the design's ``pred * (1 + adjustment)``), then de-normalisation. ``model.fusion``:
-   ``always`` (default), ``train_only`` (the published design: only while training, so
-   train-mode and eval-mode forecasts of the same weights differ), ``off``. With fusion off the TAPR gate gets no gradient (nothing reads it).
-
-The LLM ablations (``model.llm_ablation``, see :mod:`timellm_lib.models.timellm`) combine
-with both modules: ``llm2attn``/``llm2trsf`` read the same token sequence as the LLM; with
-``no_llm`` the tokens are d_model wide and the linear head reads ``[trend ; retrieval ;
-patches]``, so every module still has a consumer.
-
-With ``y`` given, the lambda-weighted auxiliary losses ``tapr`` and ``gram`` and float
-diagnostics come back in the :class:`Forecast`; the trainer adds ``warmup * sum(aux)`` to
-the MSE. A disabled module adds no parameters: with both off this model has exactly the
-baseline's parameters and gives the baseline's forecasts.
-
-Leakage: the memory holds windows and futures of the training split only. Training batches
-pass ``window_index`` (their window starts in the training series) so that a training window
-never retrieves an entry overlapping its own window or future, nor an entry of any channel
-overlapping its forecast horizon (correlated channels share the dates' future). Validation and test batches
-pass none and need none: every row they forecast lies after the training split, so no memory
-entry contains their targets. Validation windows whose history reaches back into the last
-training rows may retrieve entries whose futures are part of that history, which the model
-sees as input anyway.
+Leakage: the memory holds training windows only, and training batches pass ``window_index``
+so that a window never retrieves an entry overlapping its own window or future (nor another
+channel's over its horizon); validation and test rows lie after the training split and need
+no mask.
 """
 
 from __future__ import annotations

@@ -1,39 +1,16 @@
 """GRA-M: Global Retrieval-Augmented Memory for the enhanced Time-LLM.
 
-A forecaster sees one look-back window at a time. GRA-M gives it a memory of training
-windows *and what happened after them*: the current window is encoded into a key, the most
-similar stored windows are retrieved, and their futures are fused into the patch embeddings
-and summarised as two extra LLM tokens.
+A forecaster sees one window at a time; GRA-M gives it a memory of training windows and what
+followed them. :class:`PVDR` encodes a window by shape and by values into a key and keeps
+keys, windows and futures as buffers (so the memory is in every checkpoint);
+:class:`AdaptiveKnowledgeGate` gates how much of the retrieved futures enters the patches and
+builds a context and a confidence token; :class:`GRAM` wires both and adds the gate losses.
 
-Two parts:
-
-* :class:`PVDR` (pattern-value dual retriever) encodes a window twice, once for its *shape*
-  (a small Transformer with a CLS token over the z-normalised window) and once for its
-  *values* (mean, std, min, max, last, slope), mixes both with a learnable shape weight into
-  a key, and keeps a memory bank of keys and futures as registered buffers, so the memory
-  is part of ``state_dict`` and of every checkpoint.
-* :class:`AdaptiveKnowledgeGate` (AKG) scores each retrieved item against the current
-  patches, gates how much retrieved knowledge enters, lets the patches cross-attend to the
-  retrieved futures, and builds a context and a confidence token for the LLM.
-
-:class:`GRAM` wires both and computes the auxiliary gate losses.
-
-Conventions the composer must follow:
-
-* ``series`` given to :meth:`GRAM.forward` is ``[B*N, L]`` in the *same scale* as the
-  series given to :meth:`GRAM.build_memory` (the dataset-scaled values, before instance
-  normalisation); row ``b*N + n`` is channel ``n`` of sample ``b``.
-* Stored futures are normalised by their own window's mean and std (what instance
-  normalisation does to the model's input), so retrieved futures live in the model's
-  normalised space whatever the level of the source window.
-* Stale keys: keys depend on the encoders, which keep training. The raw windows are stored
-  too, and the keys are re-encoded every ``refresh_every`` training forward passes (a
-  counter buffer, so a resumed run refreshes at the same steps). Between refreshes the
-  memory keys lag the query encoder by at most ``refresh_every`` steps, which is cheap and
-  bounded, unlike re-encoding the whole memory at every step. Evaluation (eval mode) does
-  not lag: it re-encodes the stored windows with the current encoders once, at its first
-  forward pass after the module entered eval mode or loaded weights, and keeps those keys
-  outside the state (the stored keys, and so a resumed run, are untouched).
+``series`` given to :meth:`GRAM.forward` is ``[B*N, L]`` in the scale the memory was built
+in (dataset scale, before instance normalisation). Stored futures are normalised by their own
+window's statistics, so they live in the model's normalised space. Keys are re-encoded every
+``refresh_every`` training passes (a counter buffer, so a resume refreshes at the same steps)
+and once per evaluation, outside the state, because the encoders keep training.
 """
 
 from __future__ import annotations

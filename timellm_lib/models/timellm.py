@@ -1,38 +1,15 @@
 """Time-LLM (Jin et al., ICLR 2024): forecasting by reprogramming a frozen language model.
 
-Per series: instance-normalise, cut into patches, embed them, reprogram the patch tokens
-onto text prototypes (so they live in the LLM's input space), put a prompt with dataset,
-task and input statistics in front, run the frozen LLM, and map the hidden states of the
-patch positions to the forecast. Only the patch embedding, the prototype mapping, the
-reprogramming layer and the head (plus, for MS, a channel mix) are trained.
-
-Differences from the published code, none of which change the method: statistics and lags
-are batched tensor ops (lags exclude lag 0 and mirrored lags); prompts are padded on the left
-with an attention mask and mask-derived positions, so the patches are always the last P
-positions and padding does not change any result; no hard-coded bfloat16; the frozen LLM is
-kept out of the module tree (never in ``state_dict``, optimizers or DDP); dropout in the
-frozen LLM is off unless ``model.backbone_dropout``; MS really maps all inputs to the target.
-
-Work that the published code repeats for every series is done once (issue 7; every item
-keeps the result within float rounding, see tests/test_performance_paths.py): the constant
-prompt head (dataset and task) is tokenised once per model and, on a causal LLM
-(``model.prefix_cache``), run once per batch into a key/value cache that every row reuses;
-the text prototypes are one matrix product per forward; the LLM runs PyTorch's fused
-attention and is never asked for attention maps or hidden states.
-
-LLM ablations of Tan et al. (NeurIPS 2024, "Are Language Models Actually Useful for Time
-Series Forecasting?") are ``model.llm_ablation``:
-
-- ``no_llm``: patch embeddings -> FlattenHead from d_model. No LLM, no reprogramming, no
-  prompt; the backbone is not even loaded.
-- ``llm2attn`` / ``llm2trsf``: only the frozen LLM body is replaced, by one randomly
-  initialised, trainable self-attention layer / Transformer block of the LLM's width
-  (:class:`~timellm_lib.models.layers.AttentionStandIn`, ``TransformerStandIn``). The
-  patching, reprogramming onto the word embeddings, the prompt, the attention mask and the
-  head on the first d_ff features of the last P positions stay exactly as with the LLM, so
-  the comparison isolates what the LLM body contributes. (The paper's released Time-LLM
-  ablation code also drops the reprogramming and the prompt and runs the layer at d_model;
-  ``no_llm`` is that variant without the layer.)
+Per series: instance-normalise, patch, embed, reprogram the patch tokens onto text prototypes
+(so they live in the LLM's input space), prefix a prompt with the input statistics, run the
+frozen LLM and map the patch positions' hidden states to the forecast; only the embedding,
+prototype mapping, reprogramming and head (for MS also a channel mix) are trained. The
+README's Models table lists where this differs from the published code and why none of it
+changes the method; work the published code repeats per series is done once (the README's
+Performance section). ``model.llm_ablation`` (Tan et al., NeurIPS 2024) replaces the LLM body
+by one trainable attention layer or Transformer block (``llm2attn``/``llm2trsf``, all else
+unchanged, so the comparison isolates the body) or drops LLM, reprogramming and prompt
+(``no_llm``).
 """
 
 from __future__ import annotations
