@@ -34,8 +34,8 @@ import torch
 from published_code import build_published_step
 from step_time import ANCHOR, N_CHANNELS
 
-from timellm_lib.backbones import load_backbone
 from timellm_lib.config import Config, load_config
+from timellm_lib.models.backbones import load_backbone
 from timellm_lib.training import train
 from timellm_lib.training.checkpoint import load_checkpoint
 

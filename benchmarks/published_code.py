@@ -28,8 +28,8 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
-from timellm_lib.backbones import load_backbone, minilm_dir
 from timellm_lib.config import Config
+from timellm_lib.models.backbones import load_backbone, minilm_dir
 
 HUB_NAME = "google-bert/bert-base-uncased"
 

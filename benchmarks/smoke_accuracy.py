@@ -42,7 +42,7 @@ VARIANTS = {
 
 def llm_positions(cfg_path: Path, overrides: list[str]) -> int:
     """Positions per row of the LLM input for one batch of the config (a traced pass)."""
-    from timellm_lib.tracing import trace_shapes
+    from timellm_lib.notebooks.tracing import trace_shapes
 
     rows = trace_shapes(load_config(cfg_path, overrides), batch_size=8)
     return next(r["shape"][1] for r in rows if r["stage"] == "LLM Input")

@@ -70,7 +70,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from timellm_lib.config import Config, load_config
-from timellm_lib.evaluation import predict
+from timellm_lib.evaluation.metrics import predict
 from timellm_lib.models import as_forecast, build_model
 
 N_CHANNELS = 7
@@ -186,7 +186,7 @@ def _workbench_llm_input_shape(model: nn.Module, batch: int) -> tuple[int, int]:
     handle = model.llm_input.register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
     try:
         with torch.no_grad():
-            x = torch.randn(batch, model.cfg.data.seq_len, N_CHANNELS, device=_device(model))
+            x = torch.randn(batch, model.hp.window.seq_len, N_CHANNELS, device=_device(model))
             model(x)
     finally:
         handle.remove()
@@ -282,13 +282,13 @@ def eval_rates(model: nn.Module, args: argparse.Namespace) -> dict[str, float]:
     """Validation/test throughput, windows per second, at each of ``--eval-batches``: the
     trainer's evaluation forward (:func:`timellm_lib.evaluation.predict`: eval mode, no
     gradients, the training precision), one untimed warm-up pass then ``--eval-repeats``."""
-    cfg = model.cfg
+    seq_len = model.hp.window.seq_len
     dtype = (
         None if MODES[args.worker].yardstick else {"off": None, "bf16": torch.bfloat16}[args.amp]
     )
     rates = {}
     for batch in args.eval_batches:
-        x = torch.randn(batch, cfg.data.seq_len, N_CHANNELS)
+        x = torch.randn(batch, seq_len, N_CHANNELS)
         predict(model, x, args.device, dtype)
         if args.device == "cuda":
             torch.cuda.synchronize()

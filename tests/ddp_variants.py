@@ -15,8 +15,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from timellm_lib.config import load_config
+from timellm_lib.notebooks.describe import describe_checkpoint
 from timellm_lib.training import train
-from timellm_lib.training.checkpoint import describe_checkpoint
 
 # (name, ablation config, overrides, check resume): every variant and every fusion mode
 CASES = [

@@ -11,3 +11,10 @@ TINY_MODEL = {
     "num_tokens": 16,
     "dropout": 0.0,
 }
+
+
+def whole_prompts(stats, hp) -> list[str]:
+    """Each series' whole prompt text as the model builds it: the shared head, then its tail."""
+    from timellm_lib.models.prompt import prompt_head, prompt_tails
+
+    return [prompt_head(hp) + tail for tail in prompt_tails(stats, hp)]

@@ -15,7 +15,7 @@ import nbformat
 import papermill
 import yaml
 
-from timellm_lib.notebook_params import check, parse_parameters_cell
+from timellm_lib.notebooks.notebook_params import check, parse_parameters_cell
 
 
 def execute_notebook(

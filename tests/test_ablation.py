@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
-from timellm_lib import ablation
 from timellm_lib.errors import WorkbenchError
+from timellm_lib.notebooks import ablation
 
 ALL = list(ablation.VARIANTS)
 

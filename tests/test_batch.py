@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from timellm_lib import batch
 from timellm_lib.cli import build_parser
 from timellm_lib.errors import WorkbenchError
+from timellm_lib.notebooks import batch
 
 
 def tiny_notebook(path: Path) -> Path:

@@ -15,19 +15,20 @@ import torch
 from torch import nn
 from trainer_helpers import assert_same_run, tiny_config
 
+from timellm_lib.models import TrainingHooks
 from timellm_lib.models.baselines import MLP
+from timellm_lib.models.params import ModelParams
+from timellm_lib.notebooks.describe import describe_checkpoint, format_description
 from timellm_lib.training import checkpoint as ckpt_module
 from timellm_lib.training import train
 from timellm_lib.training import trainer as trainer_module
 from timellm_lib.training.checkpoint import (
     CheckpointError,
-    describe_checkpoint,
-    find_resume_checkpoint,
-    format_description,
     load_checkpoint,
     load_model_weights,
     remove_temp_files,
     save_checkpoint,
+    select_resume_checkpoint,
     state_digest,
 )
 from timellm_lib.training.metrics_log import read_metrics
@@ -90,7 +91,7 @@ def test_resume_auto_skips_damaged_files_and_takes_the_previous_valid(tmp_path, 
     newest.write_bytes(newest.read_bytes()[:5000])  # truncated by a "crash"
     (run / "checkpoints/step_00000099.pt").write_bytes(random.Random(1).randbytes(300))
     with caplog.at_level(logging.WARNING):
-        assert find_resume_checkpoint(run, "auto").name == "step_00000003.pt"
+        assert select_resume_checkpoint(run, "auto")[0].name == "step_00000003.pt"
     assert "step_00000099.pt" in caplog.text and "step_00000006.pt" in caplog.text
 
     result = train(cfg, run_dir=run, resume="auto", progress=False)
@@ -157,8 +158,8 @@ def test_inspect_fields_digests_and_description(paused_run):
 
 
 def test_partial_load_reports_tensors_by_name(tmp_path):
-    small = MLP(tiny_config(tmp_path), 7, 7)
-    longer = MLP(tiny_config(tmp_path, "data.pred_len=24"), 7, 7)
+    small = MLP(ModelParams.from_config(tiny_config(tmp_path)), 7, 7)
+    longer = MLP(ModelParams.from_config(tiny_config(tmp_path, "data.pred_len=24")), 7, 7)
     state = {**small.state_dict(), "extra.weight": torch.zeros(1)}
     report = load_model_weights(longer, state, strict=False)
     assert report["loaded"] == ["net.0.weight", "net.0.bias"]
@@ -174,7 +175,7 @@ def test_partial_load_reports_tensors_by_name(tmp_path):
         load_model_weights(longer, state)
 
 
-class Renamed(nn.Module):
+class Renamed(TrainingHooks, nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.layer = nn.Linear(48, 12)
@@ -196,7 +197,7 @@ def test_resume_refuses_other_configs_models_and_backbones(paused_run):
     ):
         train(cfg, run_dir=run, resume="auto", progress=False, model=Renamed())
 
-    with_backbone = MLP(cfg, 7, 7)
+    with_backbone = MLP(ModelParams.from_config(cfg), 7, 7)
     with_backbone.backbone_fingerprint = "0123abcd"
     with pytest.raises(CheckpointError, match="fingerprint None.*fingerprint 0123abcd"):
         train(cfg, run_dir=run, resume="auto", progress=False, model=with_backbone)
@@ -309,7 +310,7 @@ def test_best_needs_its_companion_and_last_needs_a_step_checkpoint(tmp_path):
     train(cfg, run_dir=tmp_path / "run", progress=False)
     os.remove(tmp_path / "run/checkpoints/step_00000007.pt")
     with pytest.raises(CheckpointError, match="step_00000007.pt.*missing"):
-        find_resume_checkpoint(tmp_path / "run", "best")
+        select_resume_checkpoint(tmp_path / "run", "best")
 
 
 def test_rotation_never_removes_best_companion_or_newest(tmp_path):

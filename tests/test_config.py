@@ -59,8 +59,8 @@ def test_bad_values_name_the_key_and_the_allowed_values(override, words):
 def test_d_ff_larger_than_the_backbone_width_is_rejected():
     cfg = load_config(overrides=["model.d_ff=512"])
     with pytest.raises(ConfigError, match="d_ff = 512 exceeds the backbone width llm_dim = 384"):
-        check_llm_dim(cfg, 384)
-    check_llm_dim(load_config(overrides=["model.d_ff=384"]), 384)
+        check_llm_dim(cfg.model, 384)
+    check_llm_dim(load_config(overrides=["model.d_ff=384"]).model, 384)
 
 
 def test_override_values_are_read_as_yaml():
@@ -106,3 +106,38 @@ def test_a_checkpoint_config_without_fusion_form_keeps_the_form_it_was_trained_w
     assert load_config().model.fusion_form == "reference"
     new = checkpoint_config({"model": {"fusion_form": "reference"}})
     assert load_config(extra=new).model.fusion_form == "reference"
+
+
+def test_a_config_builds_on_its_base_file_merged_deeply(tmp_path):
+    """`base:` is resolved relative to the including file; nested keys merge, the file wins."""
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared/root.yaml").write_text(
+        "data:\n  seq_len: 64\n  pred_len: 16\ntrain:\n  lr: 0.01\n  epochs: 4\n"
+    )
+    (tmp_path / "shared/middle.yaml").write_text("base: root.yaml\ntrain:\n  epochs: 2\n")
+    (tmp_path / "variant.yaml").write_text("base: shared/middle.yaml\ndata:\n  pred_len: 8\n")
+    cfg = load_config(tmp_path / "variant.yaml", overrides=["train.lr=0.5"])
+    assert (cfg.data.seq_len, cfg.data.pred_len) == (64, 8)
+    assert (cfg.train.epochs, cfg.train.lr) == (2, 0.5)
+    assert "base" not in cfg.to_dict()
+
+
+def test_a_missing_or_circular_base_names_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"nowhere.yaml does not exist, named as base by"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("base: c.yaml\n")
+    (tmp_path / "c.yaml").write_text("base: b.yaml\n")
+    with pytest.raises(ConfigError, match="in a circle"):
+        load_config(tmp_path / "b.yaml")
+    (tmp_path / "d.yaml").write_text("base: [1]\n")
+    with pytest.raises(ConfigError, match="base must be a file name"):
+        load_config(tmp_path / "d.yaml")
+
+
+def test_ablation_variants_state_only_what_differs_from_the_baseline(repo_root):
+    for variant in ("tapr", "gram", "full"):
+        raw = yaml.safe_load((repo_root / f"configs/ablation/{variant}.yaml").read_text())
+        assert raw.pop("base") == "baseline.yaml"
+        assert set(raw) == {"model", "run"} and set(raw["run"]) == {"experiment"}
+        assert set(raw["model"]) <= {"use_tapr", "use_gram"}

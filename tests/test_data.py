@@ -20,7 +20,6 @@ from timellm_lib.data import (
     generate_synthetic,
     read_series,
     split_borders,
-    time_features,
     training_samples,
     uses_ett_borders,
 )
@@ -170,24 +169,6 @@ def test_y_starts_right_after_x(small):
         history, future = small.train.dates(i)
         assert len(history) == 48 and len(future) == 24
         assert future[0] - history[-1] == np.timedelta64(1, "h")
-
-
-def test_marks_are_time_features_of_the_window_dates(small):
-    idx = torch.tensor([2, 40])
-    past, future = small.val.marks(idx)
-    assert past.shape == (2, 48, 4) and future.shape == (2, 24, 4)
-    history, ahead = small.val.dates(40)
-    np.testing.assert_array_equal(past[1].numpy(), time_features(history, "h"))
-    np.testing.assert_array_equal(future[1].numpy(), time_features(ahead, "h"))
-    assert past.min() >= -0.5 and past.max() <= 0.5
-
-
-def test_time_features_values():
-    dates = pd.to_datetime(["2016-01-01 00:00", "2016-12-31 23:45"])
-    hourly = time_features(dates, "h")  # hour, weekday, day of month, day of year
-    np.testing.assert_allclose(hourly[0], [-0.5, 4 / 6 - 0.5, -0.5, -0.5], atol=1e-7)
-    assert time_features(dates, "15min").shape == (2, 5)
-    assert time_features(dates, "15min")[1, 0] == pytest.approx(45 / 59 - 0.5)
 
 
 def test_bad_window_indices_raise(small):

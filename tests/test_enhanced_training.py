@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from timellm_lib.config import load_config
-from timellm_lib.runs import load_metrics
+from timellm_lib.notebooks.describe import describe_checkpoint
+from timellm_lib.notebooks.runs import load_metrics
 from timellm_lib.training import train
-from timellm_lib.training.checkpoint import describe_checkpoint, load_checkpoint
+from timellm_lib.training.checkpoint import load_checkpoint
 
 FAST = ["train.epochs=1", "train.eval_steps=10", "train.log_steps=1", "train.save_steps=5"]
 

@@ -9,7 +9,7 @@ from trainer_helpers import tiny_config
 from timellm_lib.config import ConfigError
 from timellm_lib.data import build_datasets
 from timellm_lib.data.sampler import fixed_subset
-from timellm_lib.evaluation import evaluate
+from timellm_lib.evaluation.metrics import evaluate
 from timellm_lib.models import build_model
 from timellm_lib.training import train
 from timellm_lib.training.metrics_log import read_metrics

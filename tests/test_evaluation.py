@@ -10,12 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from timellm_lib.backbones import BackboneError
 from timellm_lib.cli import build_parser
 from timellm_lib.config import load_config
 from timellm_lib.data import build_datasets
-from timellm_lib.evaluation import ErrorTotals, evaluate, evaluate_report, forecasts
-from timellm_lib.inference import (
+from timellm_lib.evaluation.inference import (
     InferenceError,
     evaluate_checkpoint,
     evaluate_loaded,
@@ -26,7 +24,9 @@ from timellm_lib.inference import (
     run_eval,
     run_predict,
 )
+from timellm_lib.evaluation.metrics import ErrorTotals, evaluate, evaluate_report, forecasts
 from timellm_lib.models import build_model
+from timellm_lib.models.backbones import BackboneError
 from timellm_lib.training import train
 from timellm_lib.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from timellm_lib.training.metrics_log import read_metrics
@@ -231,7 +231,7 @@ def test_predict_from_a_user_csv_continues_its_dates(run, tmp_path, capsys):
 
 
 def test_forecast_example_feeds_the_forecast_plots(run):
-    from timellm_lib.plots import forecast_mpl
+    from timellm_lib.notebooks.plots import forecast_mpl
 
     loaded = load_for_inference(run[0] / "checkpoints" / "best.pt")
     example = forecast_example(loaded, "test", 3)

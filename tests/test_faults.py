@@ -23,11 +23,12 @@ import torch
 from process_helpers import run, start, timellm, train_events_since, wait_until
 from trainer_helpers import assert_same_run, digests, set_args, tiny_config, tiny_overrides
 
+from timellm_lib import files as files_module
 from timellm_lib.cli import main as cli_main
 from timellm_lib.config import ConfigError, load_config
 from timellm_lib.models.baselines import MLP
+from timellm_lib.models.params import ModelParams
 from timellm_lib.training import TrainingError, train
-from timellm_lib.training import checkpoint as ckpt_module
 from timellm_lib.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -106,10 +107,10 @@ def test_sigint_mid_epoch_stops_after_that_step_with_a_checkpoint(tmp_path):
 
 def _disk_full_for(ckpt_dir: Path, name: str) -> None:
     """Make this process's next save of ``name`` hit a full disk: its temporary file (named
-    as checkpoint.atomic_file names it) becomes a link to /dev/full, where writes fail with
+    as files.atomic_file names it) becomes a link to /dev/full, where writes fail with
     ENOSPC."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    (ckpt_dir / f".{name}.{os.getpid()}{ckpt_module.TMP_SUFFIX}").symlink_to("/dev/full")
+    (ckpt_dir / f".{name}.{os.getpid()}{files_module.TMP_SUFFIX}").symlink_to("/dev/full")
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
@@ -150,7 +151,7 @@ def test_with_on_save_error_continue_a_failed_save_is_logged_and_training_goes_o
 
 def _make_read_only(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A real read-only folder. Root ignores permission bits, so when the folder is still
-    writable the checkpoint writer is made to raise what the kernel raises for anyone else."""
+    writable the atomic file writer is made to raise what the kernel raises for anyone else."""
     folder.chmod(0o555)
     probe = folder / ".probe"
     try:
@@ -164,7 +165,7 @@ def _make_read_only(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
         return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt_module, "open", denied, raising=False)
+    monkeypatch.setattr(files_module, "open", denied, raising=False)
 
 
 def test_a_permission_error_stops_the_run_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
@@ -197,7 +198,7 @@ class NaNAt(MLP):
     or at every call from ``from_call`` on."""
 
     def __init__(self, cfg, calls=(), from_call: int | None = None) -> None:
-        super().__init__(cfg, 7, 7)
+        super().__init__(ModelParams.from_config(cfg), 7, 7)
         self.bad, self.from_call, self.calls = set(calls), from_call, 0
 
     def forward(self, x, y=None):
@@ -237,7 +238,13 @@ def test_a_nan_loss_stops_skips_or_reloads_as_configured(tmp_path):
     assert "nan at global_step 5 (train.on_nan = reload 1 of at most 3" in resume["reason"]
     plain = tiny_config(tmp_path)
     by_hand = tmp_path / "by_hand"
-    train(plain, run_dir=by_hand, max_steps=3, progress=False, model=_seeded(MLP, plain, 7, 7))
+    train(
+        plain,
+        run_dir=by_hand,
+        max_steps=3,
+        progress=False,
+        model=_seeded(MLP, ModelParams.from_config(plain), 7, 7),
+    )
     lower = tiny_config(tmp_path, "train.lr=5e-4")
     train(lower, run_dir=by_hand, resume="auto", resume_new_lr=True, progress=False)
     assert_same_run(nan_run, by_hand)

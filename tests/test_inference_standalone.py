@@ -17,7 +17,7 @@ from trainer_helpers import tiny_config
 
 from timellm_lib.cli import main
 from timellm_lib.data import DataError, Scaler, build_datasets, generate_synthetic
-from timellm_lib.inference import evaluate_loaded, load_for_inference, predict_csv
+from timellm_lib.evaluation.inference import evaluate_loaded, load_for_inference, predict_csv
 from timellm_lib.training import train
 from timellm_lib.training.checkpoint import load_checkpoint, save_checkpoint
 

@@ -14,7 +14,7 @@ from notebook_helpers import execute_notebook
 from test_runs import make_runs
 
 from timellm_lib.errors import WorkbenchError
-from timellm_lib.notebook_params import (
+from timellm_lib.notebooks.notebook_params import (
     Param,
     check,
     init_notebook,

@@ -11,8 +11,8 @@ import yaml
 from notebook_helpers import execute_notebook
 from trainer_helpers import tiny_config
 
+from timellm_lib.notebooks.walkthrough import MARKER
 from timellm_lib.training import train
-from timellm_lib.walkthrough import MARKER
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from notebook_helpers import execute_notebook
 
-from timellm_lib import ablation
+from timellm_lib.notebooks import ablation
 
 
 def execute(repo_root, tmp_path, number, **changes):

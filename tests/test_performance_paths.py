@@ -14,22 +14,22 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from model_helpers import TINY_MODEL
+from model_helpers import TINY_MODEL, whole_prompts
 
 import timellm_lib.models.timellm as timellm_module
-from timellm_lib.backbones import Backbone, _find_prefix_cache, load_backbone
 from timellm_lib.config import Config, config_from_dict
+from timellm_lib.models.backbones import Backbone, _find_prefix_cache, load_backbone
 from timellm_lib.models.enhanced import EnhancedTimeLLM
 from timellm_lib.models.layers import RevIN, channel_rows
+from timellm_lib.models.params import ModelParams
 from timellm_lib.models.prompt import (
     PromptTokenizer,
-    build_prompts,
     prompt_head,
     prompt_statistics,
     prompt_tails,
 )
 from timellm_lib.models.timellm import TimeLLM
-from timellm_lib.tracing import format_trace, trace_model
+from timellm_lib.notebooks.tracing import format_trace, trace_model
 
 SEQ, PRED = 32, 8
 
@@ -46,7 +46,7 @@ def small_cfg(**model: object) -> Config:
 
 def seeded(cfg: Config, n: int = 2, cls: type = TimeLLM) -> TimeLLM:
     torch.manual_seed(0)
-    return cls(cfg, n, n)
+    return cls(ModelParams.from_config(cfg), n, n)
 
 
 def mixed_batch() -> torch.Tensor:
@@ -75,15 +75,15 @@ def llm_positions(model: TimeLLM, x: torch.Tensor) -> int:
 @pytest.mark.parametrize("backbone", ["tiny-random-gpt2", "minilm"])
 @pytest.mark.parametrize("prompt_format", ["compact", "published"])
 def test_head_tokenised_once_gives_the_ids_of_fresh_tokenisation(backbone, prompt_format):
-    cfg = small_cfg(backbone=backbone, prompt_format=prompt_format)
+    hp = ModelParams.from_config(small_cfg(backbone=backbone, prompt_format=prompt_format))
     tokenizer = load_backbone(backbone).tokenizer
     series = channel_rows(RevIN()(mixed_batch())[0])
     stats = prompt_statistics(series)
-    cached = PromptTokenizer(tokenizer, prompt_head(cfg), prompt_tails(stats, cfg)[0])
+    cached = PromptTokenizer(tokenizer, prompt_head(hp), prompt_tails(stats, hp)[0])
     assert cached.splits and cached.head.numel() > 10
 
-    ids, mask = cached(prompt_tails(stats, cfg)).padded()
-    fresh = tokenizer(build_prompts(stats, cfg), return_tensors="pt", padding=True)
+    ids, mask = cached(prompt_tails(stats, hp)).padded()
+    fresh = tokenizer(whole_prompts(stats, hp), return_tensors="pt", padding=True)
     assert torch.equal(ids, fresh["input_ids"]) and torch.equal(mask, fresh["attention_mask"])
     assert mask[:, 0].eq(0).any()  # some rows really are padded (on the left)
 
@@ -297,7 +297,9 @@ def test_a_backbone_switched_to_eager_attention_runs_its_whole_final_layer(monke
     b = dataclasses.replace(shared, model=model, last_layer=model.encoder.layer[-1])
     model.set_attn_implementation("eager")
     calls = []
-    monkeypatch.setattr("timellm_lib.backbones._last_rows_forward", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(
+        "timellm_lib.models.backbones._last_rows_forward", lambda *a, **k: calls.append(1)
+    )
     inputs = torch.randn(2, 9, b.llm_dim, generator=torch.Generator().manual_seed(3))
     mask = torch.ones(2, 9, dtype=torch.long)
     kept = b.encode(inputs, mask, keep_last=4)

@@ -12,10 +12,10 @@ from IPython.core.interactiveshell import InteractiveShell
 from matplotlib.container import ErrorbarContainer
 from test_runs import TRAIN_STEPS, make_runs
 
-from timellm_lib import plots
 from timellm_lib.cli import build_parser
 from timellm_lib.errors import WorkbenchError
-from timellm_lib.runs import LONG_COLUMNS
+from timellm_lib.notebooks import plots
+from timellm_lib.notebooks.runs import LONG_COLUMNS
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from trainer_helpers import assert_same_run, cli, comparable_events, set_args, t
 from timellm_lib.cli import main as cli_main
 from timellm_lib.config import load_config
 from timellm_lib.training import train
-from timellm_lib.training.checkpoint import find_resume_checkpoint, load_checkpoint, step_files
+from timellm_lib.training.checkpoint import load_checkpoint, select_resume_checkpoint, step_files
 from timellm_lib.training.metrics_log import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -150,7 +150,7 @@ def test_sigkill_at_random_moments_then_resume_auto(tmp_path):
         for _, path in step_files(run / "checkpoints"):
             load_checkpoint(path)  # never a damaged step file, whenever the kill landed
         if had_checkpoint:
-            assert find_resume_checkpoint(run, "auto") is not None
+            assert select_resume_checkpoint(run, "auto") is not None
 
     final = ctx.Process(target=cli_main, args=(argv,))
     final.start()

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from timellm_lib.errors import WorkbenchError
-from timellm_lib.runs import (
+from timellm_lib.notebooks.runs import (
     LONG_COLUMNS,
     best_updates,
     export_long_csv,

@@ -10,8 +10,10 @@ import pytest
 import yaml
 from process_helpers import kill_tree, start, timellm, train_events_since, wait_until
 
-from timellm_lib import cli, study
-from timellm_lib.training.checkpoint import describe_checkpoint, step_files
+from timellm_lib import cli
+from timellm_lib.notebooks import study
+from timellm_lib.notebooks.describe import describe_checkpoint
+from timellm_lib.training.checkpoint import step_files
 
 # two rows: DLinear (milliseconds) and a 1-layer tiny GPT-2 Time-LLM (42 steps of ~0.1-0.3 s)
 PLAN = {

@@ -7,7 +7,7 @@ from torch import nn
 
 from timellm_lib.config import config_from_dict
 from timellm_lib.models.layers import Tap
-from timellm_lib.tracing import format_trace, trace_model, trace_shapes
+from timellm_lib.notebooks.tracing import format_trace, trace_model, trace_shapes
 
 
 def etth1_protocol(features: str = "M"):

@@ -12,11 +12,14 @@ from trainer_helpers import assert_same_run, comparable_events, digests, tiny_co
 
 from timellm_lib.config import load_config
 from timellm_lib.data import build_datasets
-from timellm_lib.evaluation import evaluate
-from timellm_lib.models.baselines import MLP, DLinear, moving_average
+from timellm_lib.evaluation.metrics import evaluate
+from timellm_lib.models import TrainableModel, TrainingHooks, build_model
+from timellm_lib.models.baselines import MLP, DLinear
+from timellm_lib.models.layers import moving_average
 from timellm_lib.models.output import Forecast
+from timellm_lib.models.params import ModelParams
 from timellm_lib.training import TrainingError, train
-from timellm_lib.training import trainer as trainer_module
+from timellm_lib.training import resume as resume_module
 from timellm_lib.training.checkpoint import load_checkpoint, step_files
 from timellm_lib.training.early_stopping import EarlyStopping
 from timellm_lib.training.metrics_log import read_metrics
@@ -114,13 +117,13 @@ def test_resume_without_rng_state_is_not_identical(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path)
     train(cfg, run_dir=tmp_path / "reference", progress=False)
     train(cfg, run_dir=tmp_path / "resumed", max_steps=2, progress=False)
-    monkeypatch.setattr(trainer_module, "restore_rng_state", lambda state: None)
+    monkeypatch.setattr(resume_module, "restore_rng_state", lambda state: None)
     train(cfg, run_dir=tmp_path / "resumed", resume="auto", progress=False)
     final = "checkpoints/final.pt"
     assert digests(tmp_path / "resumed" / final) != digests(tmp_path / "reference" / final)
 
 
-class AuxModel(nn.Module):
+class AuxModel(TrainingHooks, nn.Module):
     """Returns a Forecast with an aux loss and a diagnostic, and has a build_memory hook."""
 
     def __init__(self, seq_len: int, pred_len: int) -> None:
@@ -129,9 +132,10 @@ class AuxModel(nn.Module):
         self.register_buffer("memory", torch.zeros(4))
         self.memory_builds = 0
 
-    def build_memory(self, dataset, generator: torch.Generator) -> None:
+    def build_memory(self, dataset, generator: torch.Generator) -> int:
         self.memory_builds += 1
         self.memory.copy_(torch.rand(4, generator=generator))
+        return 4
 
     def forward(self, x, y=None):
         pred = self.linear(x.transpose(1, 2)).transpose(1, 2) + self.memory.sum()
@@ -166,7 +170,7 @@ def test_aux_losses_warm_up_and_memory_is_built_once(tmp_path):
         assert event["loss"] == pytest.approx(event["mse"] + warmup * event["aux_trend"], rel=1e-6)
 
 
-class NaNAfter(nn.Module):
+class NaNAfter(TrainingHooks, nn.Module):
     def __init__(self, steps: int) -> None:
         super().__init__()
         self.linear = nn.Linear(48, 12)
@@ -280,7 +284,7 @@ def test_early_stopping_semantics_and_state():
 def test_validation_loss_weights_every_window_once(tmp_path):
     cfg = tiny_config(tmp_path)
     val = build_datasets(cfg.data).val  # 49 windows
-    model = MLP(cfg, 7, 7).eval()
+    model = MLP(ModelParams.from_config(cfg), 7, 7).eval()
     x, y = val.get_batch(torch.arange(len(val)))
     with torch.no_grad():
         exact = float(((model(x).double() - y.double()) ** 2).mean())
@@ -299,13 +303,15 @@ def test_baselines_shapes_and_decomposition(tmp_path):
     cfg = tiny_config(tmp_path)
     x = torch.randn(5, 48, 7)
     for cls in (DLinear, MLP):
-        assert cls(cfg, 7, 7)(x).shape == (5, 12, 7)
-        ms = cls(cfg, 7, 1).eval()
+        assert cls(ModelParams.from_config(cfg), 7, 7)(x).shape == (5, 12, 7)
+        ms = cls(ModelParams.from_config(cfg), 7, 1).eval()
         assert ms(x).shape == (5, 12, 1)
         assert torch.equal(ms(x), ms(x[..., -1:]))  # MS forecasts the last (target) channel
-    dropouts = [m for m in MLP(cfg, 7, 7).modules() if isinstance(m, nn.Dropout)]
+    dropouts = [
+        m for m in MLP(ModelParams.from_config(cfg), 7, 7).modules() if isinstance(m, nn.Dropout)
+    ]
     assert [d.p for d in dropouts] == [0.1]
-    level = torch.full((2, 48, 3), 4.0)
+    level = torch.full((2, 3, 48), 4.0)  # [rows, channels, time]
     assert torch.allclose(moving_average(level, 25), level)
 
     result = train(
@@ -315,3 +321,39 @@ def test_baselines_shapes_and_decomposition(tmp_path):
     )
     assert result.finished and result.test["n_windows"] == 109
     assert comparable_events(tmp_path / "d")[-1]["event"] == "test"
+
+
+class Bare(nn.Module):
+    """A forecaster that does not declare what the trainer may ask of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(48, 12)
+
+    def forward(self, x, y=None):
+        return self.linear(x.transpose(1, 2)).transpose(1, 2)
+
+
+def test_a_model_without_the_trainer_protocol_is_refused_by_name(tmp_path):
+    cfg = tiny_config(tmp_path, "train.epochs=1")
+    with pytest.raises(TrainingError, match=r"\(Bare\) lacks.*TrainableModel.*TrainingHooks"):
+        train(cfg, run_dir=tmp_path / "bare", progress=False, model=Bare())
+    for model in (build_model(cfg, 7, 7), NaNAfter(3), AuxModel(48, 12)):
+        assert isinstance(model, TrainableModel)
+
+
+def test_step_values_are_read_from_the_device_at_once_and_exactly():
+    from timellm_lib.training.trainer import _host_values
+
+    parts = {
+        "loss": torch.tensor(0.1234567, dtype=torch.float32),
+        "one_element": torch.tensor([0.5]),
+        "python": 2.0,
+        "bf16": torch.tensor(0.3, dtype=torch.bfloat16),
+    }
+    assert _host_values(parts) == {
+        "loss": float(parts["loss"]),
+        "one_element": 0.5,
+        "python": 2.0,
+        "bf16": float(parts["bf16"]),
+    }

@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 from trainer_helpers import tiny_overrides
 
-from timellm_lib import anatomy, walkthrough
 from timellm_lib.data import build_datasets
-from timellm_lib.training.checkpoint import describe_checkpoint, load_checkpoint, step_name
-from timellm_lib.walkthrough import Scenario, WalkthroughError, run_scenario
+from timellm_lib.notebooks import anatomy, walkthrough
+from timellm_lib.notebooks.describe import describe_checkpoint
+from timellm_lib.notebooks.walkthrough import Scenario, WalkthroughError, run_scenario
+from timellm_lib.training.checkpoint import load_checkpoint, step_name
 
 TRAIN_STEPS, EPOCHS, SAVE_STEPS = 7, 3, 3
 FIRST, LATER = 4, 10  # inside epoch 0 after step_3; inside epoch 1 after step_9

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from timellm_lib.config import Config, load_config
-from timellm_lib.training.checkpoint import describe_checkpoint
+from timellm_lib.notebooks.describe import describe_checkpoint
 from timellm_lib.training.metrics_log import read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

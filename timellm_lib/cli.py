@@ -13,6 +13,7 @@ import os
 import sys
 import textwrap
 from collections.abc import Sequence
+from typing import Any
 
 from timellm_lib.config import load_config
 from timellm_lib.errors import WorkbenchError
@@ -39,7 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="timellm", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks for bad input")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_checkpoint_commands(sub)
+    _add_notebook_commands(sub)
+    _add_data(sub)
+    p = sub.add_parser("trace", help="stage-by-stage tensor shapes of the model")
+    _add_config_args(p)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true")
+    return parser
 
+
+def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train or resume a run")
     _add_config_args(p)
     p.add_argument("--run-dir", help="run directory (default outputs/<experiment>/<run_id>)")
@@ -61,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         "GPU, or K CPU processes); data.batch_size is the global batch, split across them",
     )
 
+
+def _add_checkpoint_commands(sub: Any) -> None:
     p = sub.add_parser("inspect", help="show a checkpoint's fields, sizes and digests")
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true")
@@ -81,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, metavar="FILE", help="predictions .csv or .npz")
 
+
+def _add_notebook_commands(sub: Any) -> None:
     p = sub.add_parser("plot", help="loss curves of runs to a PNG and a long-format CSV")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     p.add_argument(
@@ -91,13 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", metavar="TEXT", help="figure title")
 
     p = sub.add_parser("batch", help="papermill runs of notebooks from a YAML plan")
-    p.add_argument("plan", help="YAML plan of notebook runs (see timellm_lib/batch.py)")
+    p.add_argument("plan", help="YAML plan of notebook runs (see timellm_lib/notebooks/batch.py)")
     p.add_argument("--cwd", metavar="DIR", help="where notebooks run (default: plan's cwd, else .)")
     p.add_argument("--summary-csv", metavar="FILE", help="also write the summary table as CSV")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("study", help="train a YAML plan of experiments over seeds: a results table")
-    p.add_argument("plan", help="YAML study plan (configs/studies/, see timellm_lib/study.py)")
+    p.add_argument(
+        "plan", help="YAML study plan (configs/studies/, see timellm_lib/notebooks/study.py)"
+    )
     p.add_argument("--out", metavar="DIR", help="study folder (default outputs/studies/<name>)")
     p.add_argument("--rows", nargs="+", metavar="NAME", help="train only these rows")
     p.add_argument(
@@ -110,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+
+def _add_data(sub: Any) -> None:
     p = sub.add_parser("data", help="get data sets: timellm data download ETTh1 [ETTh2 ...]")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("download", help="fetch ETT files from the ETDataset repository")
@@ -125,12 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also fetch files without a pinned sha256 (their sha256 is printed)",
     )
-
-    p = sub.add_parser("trace", help="stage-by-stage tensor shapes of the model")
-    _add_config_args(p)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--json", action="store_true")
-    return parser
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -225,7 +239,7 @@ def _show_training_messages(quiet: bool = False) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from timellm_lib.training.checkpoint import describe_checkpoint, format_description
+    from timellm_lib.notebooks.describe import describe_checkpoint, format_description
 
     info = describe_checkpoint(args.checkpoint)
     print(json.dumps(info, indent=2) if args.json else format_description(info))
@@ -233,7 +247,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    from timellm_lib.tracing import format_trace, trace_shapes
+    from timellm_lib.notebooks.tracing import format_trace, trace_shapes
 
     cfg = load_config(args.config, args.overrides)
     rows = trace_shapes(cfg, batch_size=args.batch_size)
@@ -242,25 +256,25 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from timellm_lib.inference import run_eval
+    from timellm_lib.evaluation.inference import run_eval
 
     return run_eval(args)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from timellm_lib.inference import run_predict
+    from timellm_lib.evaluation.inference import run_predict
 
     return run_predict(args)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from timellm_lib.plots import run_plot
+    from timellm_lib.notebooks.plots import run_plot
 
     return run_plot(args)
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from timellm_lib.study import run_study_command
+    from timellm_lib.notebooks.study import run_study_command
 
     _show_training_messages()
     return run_study_command(args)
@@ -273,7 +287,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from timellm_lib.batch import run_batch
+    from timellm_lib.notebooks.batch import run_batch
 
     return run_batch(args)
 

@@ -20,6 +20,8 @@ import yaml
 
 from timellm_lib.errors import WorkbenchError
 
+BASE_KEY = "base"  # a config file's `base: other.yaml`, merged underneath it
+
 
 class ConfigError(WorkbenchError, ValueError):
     """A config value is unknown, of the wrong type or impossible; the message says the fix."""
@@ -30,7 +32,7 @@ class DataConfig:
     source: Literal["synthetic", "ett", "csv"] = "synthetic"  # synthetic is written to data/
     path: str = "data/synthetic_ett.csv"  # CSV file (ETT or generic); synthetic is written here
     freq: Literal["h", "15min"] = (
-        "h"  # ETTh* (hourly) or ETTm* (15 minutes): borders, time features
+        "h"  # ETTh* (hourly) or ETTm* (15 minutes): split borders, dates of forecasts
     )
     features: Literal["M", "S", "MS"] = "M"  # M: all->all, S: target->target, MS: all->target
     target: str = "OT"
@@ -188,32 +190,49 @@ def load_config(
 ) -> Config:
     """Build a validated Config from a YAML file, a dict and ``KEY=VALUE`` overrides.
 
-    Precedence: defaults < file < ``extra`` (nested dict) < ``overrides`` (dotted strings).
+    Precedence: defaults < the file's ``base`` chain < file < ``extra`` (nested dict) <
+    ``overrides`` (dotted strings).
     """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
-        if loaded is None:  # an empty file would silently run every default (hours of work)
-            raise ConfigError(
-                f"config file {path} is empty (or holds only comments), so every setting would "
-                "take its default (the full default run); write the sections you mean, or `{}` "
-                "on a line of its own to run the defaults on purpose"
-            )
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
-        raw = loaded
+    raw = _read_config_file(Path(path)) if path is not None else {}
     if extra:
         raw = _merge(raw, extra)
     for item in overrides or []:
         key, value = parse_override(item)
         raw = _merge(raw, _nest(key, value))
     return config_from_dict(raw)
+
+
+def _read_config_file(path: Path, including: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config as a dict, its ``base: other.yaml`` (relative to this file) merged
+    underneath, so a variant states only what differs from the file it builds on."""
+    if not path.is_file():
+        named = f", named as base by {including[-1]}" if including else ""
+        raise ConfigError(f"config file {path} does not exist{named}; pass an existing YAML file")
+    if path.resolve() in including:
+        chain = " -> ".join(str(p) for p in (*including, path.resolve()))
+        raise ConfigError(f"config files include each other in a circle ({chain}); remove a base")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if loaded is None:  # an empty file would silently run every default (hours of work)
+        raise ConfigError(
+            f"config file {path} is empty (or holds only comments), so every setting would "
+            "take its default (the full default run); write the sections you mean, or `{}` "
+            "on a line of its own to run the defaults on purpose"
+        )
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    base = loaded.pop(BASE_KEY, None)
+    if base is None:
+        return loaded
+    if not isinstance(base, str) or not base:
+        raise ConfigError(
+            f"config file {path}: {BASE_KEY} must be a file name (e.g. base: baseline.yaml), "
+            f"got {base!r}"
+        )
+    parent = _read_config_file(path.parent / base, (*including, path.resolve()))
+    return _merge(parent, loaded)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -317,12 +336,20 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 
 def validate(cfg: Config) -> None:
     """Reject impossible combinations before anything runs."""
+    _check_signs(cfg)
+    _check_ranges(cfg)
+    _check_combinations(cfg)
+    # d_ff > llm_dim is checked when the backbone is loaded: llm_dim comes from its config.
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_signs(cfg: Config) -> None:
+    """Counts that must be at least 1, amounts that must not be negative."""
     d, m, t = cfg.data, cfg.model, cfg.train
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(message)
-
     for key, value in [
         ("data.seq_len", d.seq_len),
         ("data.pred_len", d.pred_len),
@@ -345,7 +372,7 @@ def validate(cfg: Config) -> None:
         ("train.on_nan_max_reloads", t.on_nan_max_reloads),
         ("model.prompt_precision", m.prompt_precision),
     ]:
-        need(value >= 1, f"{key} = {value} must be at least 1")
+        _need(value >= 1, f"{key} = {value} must be at least 1")
     for key, value in [
         ("data.label_len", d.label_len),
         ("data.num_workers", d.num_workers),
@@ -364,70 +391,79 @@ def validate(cfg: Config) -> None:
         ("model.lambda_trend", m.lambda_trend),
         ("model.lambda_retrieval", m.lambda_retrieval),
     ]:
-        need(value >= 0, f"{key} = {value} must not be negative")
-    need(t.lr > 0, f"train.lr = {t.lr} must be positive")
-    need(
+        _need(value >= 0, f"{key} = {value} must not be negative")
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Values that must lie in an interval."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    _need(t.lr > 0, f"train.lr = {t.lr} must be positive")
+    _need(
         0.0 < t.on_nan_lr_factor <= 1.0,
         f"train.on_nan_lr_factor = {t.on_nan_lr_factor} must be in (0, 1]",
     )
-    need(
+    _need(
         d.seq_len >= m.patch_len,
         f"data.seq_len = {d.seq_len} is shorter than model.patch_len = {m.patch_len}; "
         "raise seq_len or lower patch_len",
     )
-    need(
+    _need(
         m.stride <= m.patch_len,
         f"model.stride = {m.stride} exceeds model.patch_len = {m.patch_len}; "
         "patches would skip time steps",
     )
-    need(
+    _need(
         d.label_len <= d.seq_len,
         f"data.label_len = {d.label_len} exceeds data.seq_len = {d.seq_len}",
     )
-    need(0 < d.percent <= 100, f"data.percent = {d.percent} must be in 1..100")
-    need(
+    _need(0 < d.percent <= 100, f"data.percent = {d.percent} must be in 1..100")
+    _need(0.0 <= m.dropout < 1.0, f"model.dropout = {m.dropout} must be in [0, 1)")
+    _need(0.0 <= t.ema_decay < 1.0, f"train.ema_decay = {t.ema_decay} must be in [0, 1)")
+    _need(0.0 < t.pct_start < 1.0, f"train.pct_start = {t.pct_start} must be in (0, 1)")
+    _need(0.0 < t.gamma <= 1.0, f"train.gamma = {t.gamma} must be in (0, 1]")
+
+
+def _check_combinations(cfg: Config) -> None:
+    """Settings that contradict each other, and names that must stay plain."""
+    d, m = cfg.data, cfg.model
+    _need(
         d.sample_unit == "window" or d.features != "MS",
         "data.sample_unit = channel makes every sample one channel, but features MS forecasts "
         "the target from all channels of a window; use data.sample_unit=window or features M",
     )
-    need(
+    _need(
         abs(sum(d.split) - 1.0) < 1e-6 and all(s > 0 for s in d.split),
         f"data.split = {list(d.split)} must be three positive fractions that add up to 1",
     )
-    need(0.0 <= m.dropout < 1.0, f"model.dropout = {m.dropout} must be in [0, 1)")
-    need(0.0 <= t.ema_decay < 1.0, f"train.ema_decay = {t.ema_decay} must be in [0, 1)")
-    need(0.0 < t.pct_start < 1.0, f"train.pct_start = {t.pct_start} must be in (0, 1)")
-    need(0.0 < t.gamma <= 1.0, f"train.gamma = {t.gamma} must be in (0, 1]")
-    need(
+    _need(
         m.memory_windows <= m.max_memory_size,
         f"model.memory_windows = {m.memory_windows} exceeds model.max_memory_size = "
         f"{m.max_memory_size}",
     )
     thresholds = [] if m.trend_thresholds == "auto" else list(m.trend_thresholds)
-    need(
+    _need(
         thresholds == sorted(set(thresholds)),
         f"model.trend_thresholds = {thresholds} must be strictly increasing (t1 < t2 < t3 < t4)",
     )
-    need(
+    _need(
         not (m.use_tapr or m.use_gram) or m.d_model % m.n_heads == 0,
         f"model.d_model = {m.d_model} is not divisible by model.n_heads = {m.n_heads}, which "
         "TAPR and GRA-M attention need; change one of them",
     )
-    need(bool(cfg.run.experiment.strip()), "run.experiment must not be empty")
+    _need(bool(cfg.run.experiment.strip()), "run.experiment must not be empty")
     for key, value in [("run.experiment", cfg.run.experiment), ("run.run_id", cfg.run.run_id)]:
-        need(
+        _need(
             "/" not in value and "\\" not in value and value not in {".", ".."},
             f"{key} = {value!r} must be a plain name (no path separators)",
         )
-    # d_ff > llm_dim is checked when the backbone is loaded: llm_dim comes from its config.
 
 
-def check_llm_dim(cfg: Config, llm_dim: int) -> None:
+def check_llm_dim(model: ModelConfig, llm_dim: int) -> None:
     """The model keeps the first d_ff features of the LLM output, so d_ff <= llm_dim."""
-    if cfg.model.d_ff > llm_dim:
+    if model.d_ff > llm_dim:
         raise ConfigError(
-            f"model.d_ff = {cfg.model.d_ff} exceeds the backbone width llm_dim = {llm_dim} of "
-            f"{cfg.model.backbone!r}; set model.d_ff to at most {llm_dim}"
+            f"model.d_ff = {model.d_ff} exceeds the backbone width llm_dim = {llm_dim} of "
+            f"{model.backbone!r}; set model.d_ff to at most {llm_dim}"
         )
 
 
@@ -440,10 +476,6 @@ def checkpoint_config(saved: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's stored config with the keys it predates filled in as it was trained,
     so an older checkpoint keeps computing what it computed."""
     return _merge(CHECKPOINT_DEFAULTS, saved)
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(cfg.to_yaml())
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

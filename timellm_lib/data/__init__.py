@@ -13,7 +13,6 @@ from timellm_lib.data.loaders import (
     uses_ett_borders,
 )
 from timellm_lib.data.synthetic import ensure_synthetic_csv, generate_synthetic
-from timellm_lib.data.timefeatures import time_features
 from timellm_lib.data.windows import (
     ChannelWindows,
     DataError,
@@ -33,7 +32,6 @@ __all__ = [
     "generate_synthetic",
     "read_series",
     "split_borders",
-    "time_features",
     "training_samples",
     "uses_ett_borders",
 ]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from timellm_lib.data.windows import DataError
+from timellm_lib.files import atomic_file
 
 BASE_URL = "https://raw.githubusercontent.com/zhouhaoyi/ETDataset/main/ETT-small"
 BASE_URL_ENV = "TIMELLM_ETT_BASE_URL"  # e.g. a mirror, or a local server in tests
@@ -79,8 +80,6 @@ def download_ett(
 
 
 def _fetch(name: str, folder: Path, base: str) -> Downloaded:
-    from timellm_lib.training.checkpoint import atomic_file
-
     target = folder / f"{name}.csv"
     pinned = PINNED_SHA256[name]
     if target.exists():

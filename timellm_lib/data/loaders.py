@@ -29,7 +29,6 @@ import pandas as pd
 
 from timellm_lib.config import DataConfig
 from timellm_lib.data.synthetic import ensure_synthetic_csv
-from timellm_lib.data.timefeatures import time_features
 from timellm_lib.data.windows import DataError, Scaler, WindowDataset
 
 ETT_ENDS = (8640, 11520, 14400)  # hourly rows where the ETT train, val and test splits end
@@ -99,14 +98,12 @@ def build_datasets(cfg: DataConfig) -> Datasets:
     scaled = scale_to_float32(scaler, values, used, origin)
     x_all = scaled[:, [used.index(c) for c in columns_in]]
     y_all = scaled[:, [used.index(c) for c in columns_out]]
-    marks = time_features(frame[cfg.date_column], cfg.freq)
     dates = frame[cfg.date_column].to_numpy()
 
     splits = {
         name: WindowDataset(
             x_all[start:end],
             y_all[start:end],
-            marks[start:end],
             dates[start:end],
             cfg.seq_len,
             cfg.pred_len,

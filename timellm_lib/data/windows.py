@@ -95,15 +95,14 @@ class WindowDataset(Dataset):
     """Sliding windows over one split: window ``i`` is history rows ``[i, i + seq_len)`` of
     the input columns and the next ``pred_len`` rows of the output columns.
 
-    ``x`` and ``y`` are the scaled split rows ([T, C_in], [T, C_out]); ``marks`` are their
-    time features [T, F] and ``dates`` their datetime64 stamps [T].
+    ``x`` and ``y`` are the scaled split rows ([T, C_in], [T, C_out]) and ``dates`` their
+    datetime64 stamps [T].
     """
 
     def __init__(
         self,
         x: np.ndarray | Tensor,
         y: np.ndarray | Tensor,
-        marks: np.ndarray | Tensor,
         dates: np.ndarray,
         seq_len: int,
         pred_len: int,
@@ -114,13 +113,12 @@ class WindowDataset(Dataset):
         self.pred_len = pred_len
         self._x = _float_tensor(x)
         self._y = _float_tensor(y)
-        self._marks = _float_tensor(marks)
         self._dates = np.asarray(dates)
         rows = len(self._x)
-        if not len(self._y) == len(self._marks) == len(self._dates) == rows:
+        if not len(self._y) == len(self._dates) == rows:
             raise ValueError(
-                f"x, y, marks and dates must have the same rows; got {len(self._x)}, "
-                f"{len(self._y)}, {len(self._marks)}, {len(self._dates)}"
+                f"x, y and dates must have the same rows; got {len(self._x)}, "
+                f"{len(self._y)}, {len(self._dates)}"
             )
         needed = seq_len + pred_len
         if rows < needed:
@@ -132,8 +130,6 @@ class WindowDataset(Dataset):
         self._n = rows - needed + 1
         self._x_windows = _windows(self._x, 0, seq_len, self._n)
         self._y_windows = _windows(self._y, seq_len, pred_len, self._n)
-        self._marks_history = _windows(self._marks, 0, seq_len, self._n)
-        self._marks_future = _windows(self._marks, seq_len, pred_len, self._n)
 
     def __len__(self) -> int:
         return self._n
@@ -161,11 +157,6 @@ class WindowDataset(Dataset):
         """Output channels per window."""
         return self._y.shape[1]
 
-    def marks(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """Time features of history and future rows: [B, seq_len, F], [B, pred_len, F]."""
-        idx = self._checked(idx)
-        return self._marks_history[idx], self._marks_future[idx]
-
     def dates(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """datetime64 stamps of the history and future rows of window ``i``."""
         if not 0 <= i < self._n:
@@ -176,11 +167,6 @@ class WindowDataset(Dataset):
     def series(self) -> Tensor:
         """The whole scaled input slice [T, C_in] (shared storage: do not modify in place)."""
         return self._x
-
-    @property
-    def n_marks(self) -> int:
-        """Time features per row (4 hourly, 5 at 15 minutes)."""
-        return self._marks.shape[1]
 
     def _checked(self, idx: Tensor) -> Tensor:
         """Window indices as a 1-D long tensor; negative ones are rejected because tensor

@@ -1,6 +1,6 @@
 """Small baselines: DLinear and a per-channel MLP. Both return plain tensors [B, pred_len, n_out].
 
-They share Time-LLM's interface (``Model(cfg, n_in, n_out)``, ``forward(x, y=None)``) so the
+They share Time-LLM's interface (``Model(hp, n_in, n_out)``, ``forward(x, y=None)``) so the
 trainer, evaluation and notebooks treat them alike, and they train in seconds on a CPU: the
 MLP (with dropout) is what the resume tests train.
 
@@ -10,11 +10,11 @@ than inputs (features MS) the forecast is for the last input channel, the target
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from timellm_lib.config import Config
+from timellm_lib.models.layers import moving_average
+from timellm_lib.models.params import ModelParams
+from timellm_lib.models.protocol import TrainingHooks
 
 MOVING_AVG_KERNEL = 25
 MLP_HIDDEN = 64
@@ -25,47 +25,38 @@ def _check_channels(n_in: int, n_out: int) -> None:
         raise ValueError(f"n_out = {n_out} must be between 1 and n_in = {n_in}")
 
 
-def moving_average(x: Tensor, kernel: int) -> Tensor:
-    """Centred moving average over time of x [B, L, C]; the ends are padded by repeating the
-    first and last rows so the output keeps length L (as in the DLinear paper's code)."""
-    front = x[:, :1].expand(-1, (kernel - 1) // 2, -1)
-    back = x[:, -1:].expand(-1, kernel // 2, -1)
-    padded = torch.cat([front, x, back], dim=1)
-    return F.avg_pool1d(padded.transpose(1, 2), kernel, stride=1).transpose(1, 2)
-
-
-class DLinear(nn.Module):
+class DLinear(TrainingHooks, nn.Module):
     """DLinear (Zeng et al., 2023): split the history into trend (moving average) and
     seasonal (the rest), map each from seq_len to pred_len with one linear layer, and add."""
 
-    def __init__(self, cfg: Config, n_in: int, n_out: int) -> None:
+    def __init__(self, hp: ModelParams, n_in: int, n_out: int) -> None:
         super().__init__()
         _check_channels(n_in, n_out)
         self.n_out = n_out
-        self.seasonal = nn.Linear(cfg.data.seq_len, cfg.data.pred_len)
-        self.trend = nn.Linear(cfg.data.seq_len, cfg.data.pred_len)
+        self.seasonal = nn.Linear(hp.window.seq_len, hp.window.pred_len)
+        self.trend = nn.Linear(hp.window.seq_len, hp.window.pred_len)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         x = x[..., -self.n_out :]  # MS: only the target channel is forecast
-        trend = moving_average(x, MOVING_AVG_KERNEL)
+        trend = moving_average(x.transpose(1, 2), MOVING_AVG_KERNEL).transpose(1, 2)
         seasonal = x - trend
         out = self.seasonal(seasonal.transpose(1, 2)) + self.trend(trend.transpose(1, 2))
         return out.transpose(1, 2)  # [B, pred_len, n_out]
 
 
-class MLP(nn.Module):
+class MLP(TrainingHooks, nn.Module):
     """Per-channel MLP seq_len -> 64 -> pred_len with dropout, on windows centred by their mean
     (added back afterwards), since a window's level says little about its shape."""
 
-    def __init__(self, cfg: Config, n_in: int, n_out: int) -> None:
+    def __init__(self, hp: ModelParams, n_in: int, n_out: int) -> None:
         super().__init__()
         _check_channels(n_in, n_out)
         self.n_out = n_out
         self.net = nn.Sequential(
-            nn.Linear(cfg.data.seq_len, MLP_HIDDEN),
+            nn.Linear(hp.window.seq_len, MLP_HIDDEN),
             nn.GELU(),
-            nn.Dropout(cfg.model.dropout),
-            nn.Linear(MLP_HIDDEN, cfg.data.pred_len),
+            nn.Dropout(hp.model.dropout),
+            nn.Linear(MLP_HIDDEN, hp.window.pred_len),
         )
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:

@@ -1,43 +1,16 @@
 """Enhanced Time-LLM: the baseline plus TAPR (trend) and GRA-M (retrieval), each switchable.
 
-The baseline's stages are reused unchanged (:class:`~timellm_lib.models.timellm.TimeLLM`);
-the two module families sit between the patch embedding and the reprogramming:
+Both sit between the patch embedding and the reprogramming; their tokens go before the
+prompt, ``[pad..., trend, retrieval, prompt, patches]`` (padding first, so the extra tokens'
+positions do not depend on padding; patches last, where the head reads them), and trend
+fusion follows the channel mix. A disabled module adds no parameters, so with both off this
+is the baseline, forecast for forecast. With ``y`` given, the lambda-weighted auxiliary
+losses and the diagnostics come back in the :class:`Forecast`.
 
-1. RevIN, channel independence, patching, patch embedding  -> tokens [B*N, P, d_model]
-2. TAPR (``model.use_tapr``): multi-scale decomposition of the tokens and a coarse-to-fine
-   trend head on the instance-normalised series -> refined tokens, one trend token
-3. GRA-M (``model.use_gram``): retrieval of similar *training* windows on the series in
-   dataset scale (the scale the memory is built in), gated fusion of their futures
-   -> refined tokens, two retrieval tokens (context, confidence)
-4. reprogramming, prompt, LLM (or its ablation), head on the last P positions. The LLM input
-   is ``[pad..., trend, retrieval, prompt, patches]``: padding first, so the mask-derived
-   positions of the extra tokens and the prompt do not depend on how much a row is padded,
-   and the patches stay the last P positions (1 + 2 + prompt + P tokens with both on).
-5. channel mix (MS), then trend fusion in normalised space (``model.fusion_form``:
-   ``reference``, the default, moves the forecast in the predicted direction by at most half
-   its distance from the last input value, the trend labels' reference; ``multiplicative``,
-   the design's ``pred * (1 + adjustment)``), then de-normalisation. ``model.fusion``:
-   ``always`` (default), ``train_only`` (the published design: only while training, so
-   train-mode and eval-mode forecasts of the same weights differ), ``off``. With fusion off the TAPR gate gets no gradient (nothing reads it).
-
-The LLM ablations (``model.llm_ablation``, see :mod:`timellm_lib.models.timellm`) combine
-with both modules: ``llm2attn``/``llm2trsf`` read the same token sequence as the LLM; with
-``no_llm`` the tokens are d_model wide and the linear head reads ``[trend ; retrieval ;
-patches]``, so every module still has a consumer.
-
-With ``y`` given, the lambda-weighted auxiliary losses ``tapr`` and ``gram`` and float
-diagnostics come back in the :class:`Forecast`; the trainer adds ``warmup * sum(aux)`` to
-the MSE. A disabled module adds no parameters: with both off this model has exactly the
-baseline's parameters and gives the baseline's forecasts.
-
-Leakage: the memory holds windows and futures of the training split only. Training batches
-pass ``window_index`` (their window starts in the training series) so that a training window
-never retrieves an entry overlapping its own window or future, nor an entry of any channel
-overlapping its forecast horizon (correlated channels share the dates' future). Validation and test batches
-pass none and need none: every row they forecast lies after the training split, so no memory
-entry contains their targets. Validation windows whose history reaches back into the last
-training rows may retrieve entries whose futures are part of that history, which the model
-sees as input anyway.
+Leakage: the memory holds training windows only, and training batches pass ``window_index``
+so that a window never retrieves an entry overlapping its own window or future (nor another
+channel's over its horizon); validation and test rows lie after the training split and need
+no mask.
 """
 
 from __future__ import annotations
@@ -47,13 +20,12 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from timellm_lib.config import Config
 from timellm_lib.data.windows import WindowDataset
 from timellm_lib.models.gram import GRAM, GRAMOutput, query_positions_for
 from timellm_lib.models.layers import RevIN, Tap, channel_rows
 from timellm_lib.models.output import Forecast
+from timellm_lib.models.params import ModelParams
 from timellm_lib.models.tapr import (
-    DEFAULT_THRESHOLDS,
     TAPR,
     TAPROutput,
     apply_trend_fusion,
@@ -74,35 +46,25 @@ class EnhancedTimeLLM(TimeLLM):
     channels (``data.sample_unit = channel``), masks overlapping memory entries (GRA-M).
     """
 
-    def __init__(self, cfg: Config, n_in: int, n_out: int, target_index: int = -1) -> None:
-        m, d = cfg.model, cfg.data
+    def __init__(self, hp: ModelParams, n_in: int, n_out: int, target_index: int = -1) -> None:
+        m = hp.model
         n_prefix = TREND_TOKENS * m.use_tapr + RETRIEVAL_TOKENS * m.use_gram
-        super().__init__(cfg, n_in, n_out, target_index, n_prefix=n_prefix)
+        super().__init__(hp, n_in, n_out, target_index, n_prefix=n_prefix)
         # Registered after the baseline's stages, so those are initialised exactly as in
         # the baseline for the same seed.
         if m.use_tapr:
-            self.tapr = TAPR(
-                m.d_model,
-                self.token_dim,
-                d.pred_len,
-                n_scales=m.n_scales,
-                n_heads=m.n_heads,
-                # auto: placeholders until init_trend_thresholds sees the training data
-                thresholds_init=DEFAULT_THRESHOLDS
-                if m.trend_thresholds == "auto"
-                else m.trend_thresholds,
-            )
+            self.tapr = TAPR.from_params(hp, self.token_dim)
             self.trend_token = Tap()
             if m.fusion != "off":
                 self.trend_fusion = Tap()
         if m.use_gram:
-            self.gram = GRAM.from_config(cfg, self.token_dim)
+            self.gram = GRAM.from_params(hp, self.token_dim)
             self.retrieval_tokens = Tap()
 
     @property
     def needs_window_index(self) -> bool:
         """True when training batches should pass ``window_index`` (GRA-M leakage mask)."""
-        return self.cfg.model.use_gram
+        return self.hp.model.use_gram
 
     @property
     def skips_parameters(self) -> bool:
@@ -110,7 +72,7 @@ class EnhancedTimeLLM(TimeLLM):
         TAPR's fusion gate with ``model.fusion = off`` (nothing reads it), GRA-M's retriever
         and gate with an empty memory (``build_memory = false`` or ``memory_windows = 0``).
         A distributed run must then tell DDP to look for unused parameters."""
-        m = self.cfg.model
+        m = self.hp.model
         idle_gate = m.use_tapr and m.fusion == "off"
         empty_memory = m.use_gram and (not m.build_memory or m.memory_windows == 0)
         return idle_gate or empty_memory
@@ -118,8 +80,8 @@ class EnhancedTimeLLM(TimeLLM):
     @property
     def fusion_active(self) -> bool:
         """Whether trend fusion is applied in the current mode (``model.fusion``)."""
-        mode = self.cfg.model.fusion
-        return self.cfg.model.use_tapr and (
+        mode = self.hp.model.fusion
+        return self.hp.model.use_tapr and (
             mode == "always" or (mode == "train_only" and self.training)
         )
 
@@ -136,7 +98,7 @@ class EnhancedTimeLLM(TimeLLM):
         ``model.build_memory``. Call it once on a fresh start only: the memory is a set of
         buffers, so a resumed run gets it back from the checkpoint.
         """
-        m = self.cfg.model
+        m = self.hp.model
         if not (m.use_gram and m.build_memory):
             return 0
         series = train.series() if isinstance(train, WindowDataset) else train
@@ -147,47 +109,11 @@ class EnhancedTimeLLM(TimeLLM):
         training split's labels (see :mod:`timellm_lib.models.tapr`) and return them; None
         when TAPR is off or the thresholds are configured. Call it once on a fresh start:
         the thresholds are parameters, so a resumed run gets them from the checkpoint."""
-        if not (self.cfg.model.use_tapr and self.cfg.model.trend_thresholds == "auto"):
+        if not (self.hp.model.use_tapr and self.hp.model.trend_thresholds == "auto"):
             return None
         values = quantile_thresholds(training_changes(train, self.target_index))
         self.tapr.head.set_thresholds(values)
         return values
-
-    # -------------------------------------------------------------------------- tracing
-
-    def trace_stages(self) -> dict[str, tuple[str, str]]:
-        m = self.cfg.model
-        base = super().trace_stages()
-        extra = {}
-        if m.use_tapr:
-            kernels = ", ".join(str(4**s) for s in range(m.n_scales))
-            extra["tapr.decomposition"] = (
-                "TAPR-DM",
-                f"{m.n_scales} scales (pooling {kernels}), cross-scale attention",
-            )
-            extra["trend_token"] = ("Trend Token", "TAPR-C2F trend class -> 1 LLM token")
-        if m.use_gram:
-            extra["gram.akg"] = (
-                "GRA-M",
-                f"top-{m.top_k} retrieval, gated cross-attention fusion of retrieved futures",
-            )
-            extra["retrieval_tokens"] = ("Retrieval Tokens", "context, confidence -> 2 tokens")
-        stages = {}
-        for path, stage in base.items():
-            stages[path] = stage
-            if path == "patch_embedding":
-                stages.update(extra)
-        if hasattr(self, "trend_fusion"):
-            formula = {
-                "reference": "pred + adj * |pred - last input|",
-                "multiplicative": "pred * (1 + adj)",
-            }[m.fusion_form]
-            stages["trend_fusion"] = ("Trend Fusion", f"fusion={m.fusion}: {formula}")
-        return stages
-
-    def _llm_input_note(self) -> str:
-        tokens = ["trend"] * self.cfg.model.use_tapr + ["retrieval x2"] * self.cfg.model.use_gram
-        return f"[pad ; {' ; '.join(tokens)} ; prompt ; patches], patches last"
 
     # -------------------------------------------------------------------------- forward
 
@@ -201,11 +127,11 @@ class EnhancedTimeLLM(TimeLLM):
         tokens = self.embed_patches(series)
         prefix = []
         trend = retrieved = None
-        if self.cfg.model.use_tapr:
+        if self.hp.model.use_tapr:
             trend = self.tapr(tokens, series)
             tokens = trend.patch_out
             prefix.append(self.trend_token(trend.trend_token))
-        if self.cfg.model.use_gram:
+        if self.hp.model.use_gram:
             positions = None
             if window_index is not None:
                 positions = window_index.to(x.device)
@@ -219,7 +145,7 @@ class EnhancedTimeLLM(TimeLLM):
         if trend is not None and self.fusion_active:
             adjustment = self._output_rows(trend.adjustment, x.shape[0])
             reference = None
-            if self.cfg.model.fusion_form == "reference":  # the labels' reference point
+            if self.hp.model.fusion_form == "reference":  # the labels' reference point
                 reference = self._output_rows(series[:, -1], x.shape[0])
             pred = self.trend_fusion(apply_trend_fusion(pred, adjustment, reference))
         forecast = Forecast(pred=RevIN.denormalize(pred, mean, std))
@@ -248,7 +174,7 @@ class EnhancedTimeLLM(TimeLLM):
         so TAPR's labels come from the same series it saw. For MS only the target channel
         has a true future: the TAPR loss uses the target's rows.
         """
-        m = self.cfg.model
+        m = self.hp.model
         diagnostics = forecast.diagnostics
         if trend is not None:
             batch = y_norm.shape[0]
@@ -263,14 +189,14 @@ class EnhancedTimeLLM(TimeLLM):
                 own, self._output_rows(series, batch), channel_rows(y_norm), m.lambda_trend
             )
             forecast.aux_losses["tapr"] = total
-            diagnostics.update(_floats(parts) | info)
-            diagnostics["tapr_adjustment_abs_mean"] = float(trend.adjustment.detach().abs().mean())
-            diagnostics["tapr_fusion_active"] = float(self.fusion_active)
+            diagnostics.update(_detached(parts) | info)
+            diagnostics["tapr_adjustment_abs_mean"] = trend.adjustment.detach().abs().mean()
+            diagnostics["tapr_fusion_active"] = float(self.fusion_active)  # a python bool
         if retrieved is not None:
             total, parts, info = GRAM.loss(retrieved, m.lambda_retrieval)
             forecast.aux_losses["gram"] = total
-            diagnostics.update(_floats(parts) | info)
+            diagnostics.update(_detached(parts) | info)
 
 
-def _floats(values: dict[str, Tensor]) -> dict[str, float]:
-    return {k: float(v.detach()) for k, v in values.items()}
+def _detached(values: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach() for k, v in values.items()}

@@ -1,39 +1,16 @@
 """GRA-M: Global Retrieval-Augmented Memory for the enhanced Time-LLM.
 
-A forecaster sees one look-back window at a time. GRA-M gives it a memory of training
-windows *and what happened after them*: the current window is encoded into a key, the most
-similar stored windows are retrieved, and their futures are fused into the patch embeddings
-and summarised as two extra LLM tokens.
+A forecaster sees one window at a time; GRA-M gives it a memory of training windows and what
+followed them. :class:`PVDR` encodes a window by shape and by values into a key and keeps
+keys, windows and futures as buffers (so the memory is in every checkpoint);
+:class:`AdaptiveKnowledgeGate` gates how much of the retrieved futures enters the patches and
+builds a context and a confidence token; :class:`GRAM` wires both and adds the gate losses.
 
-Two parts:
-
-* :class:`PVDR` (pattern-value dual retriever) encodes a window twice, once for its *shape*
-  (a small Transformer with a CLS token over the z-normalised window) and once for its
-  *values* (mean, std, min, max, last, slope), mixes both with a learnable shape weight into
-  a key, and keeps a memory bank of keys and futures as registered buffers, so the memory
-  is part of ``state_dict`` and of every checkpoint.
-* :class:`AdaptiveKnowledgeGate` (AKG) scores each retrieved item against the current
-  patches, gates how much retrieved knowledge enters, lets the patches cross-attend to the
-  retrieved futures, and builds a context and a confidence token for the LLM.
-
-:class:`GRAM` wires both and computes the auxiliary gate losses.
-
-Conventions the composer must follow:
-
-* ``series`` given to :meth:`GRAM.forward` is ``[B*N, L]`` in the *same scale* as the
-  series given to :meth:`GRAM.build_memory` (the dataset-scaled values, before instance
-  normalisation); row ``b*N + n`` is channel ``n`` of sample ``b``.
-* Stored futures are normalised by their own window's mean and std (what instance
-  normalisation does to the model's input), so retrieved futures live in the model's
-  normalised space whatever the level of the source window.
-* Stale keys: keys depend on the encoders, which keep training. The raw windows are stored
-  too, and the keys are re-encoded every ``refresh_every`` training forward passes (a
-  counter buffer, so a resumed run refreshes at the same steps). Between refreshes the
-  memory keys lag the query encoder by at most ``refresh_every`` steps, which is cheap and
-  bounded, unlike re-encoding the whole memory at every step. Evaluation (eval mode) does
-  not lag: it re-encodes the stored windows with the current encoders once, at its first
-  forward pass after the module entered eval mode or loaded weights, and keeps those keys
-  outside the state (the stored keys, and so a resumed run, are untouched).
+``series`` given to :meth:`GRAM.forward` is ``[B*N, L]`` in the scale the memory was built
+in (dataset scale, before instance normalisation). Stored futures are normalised by their own
+window's statistics, so they live in the model's normalised space. Keys are re-encoded every
+``refresh_every`` training passes (a counter buffer, so a resume refreshes at the same steps)
+and once per evaluation, outside the state, because the encoders keep training.
 """
 
 from __future__ import annotations
@@ -47,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from timellm_lib.config import Config
+from timellm_lib.models.params import ModelParams
 
 N_STATS = 6  # mean, std, min, max, last, slope
 _MASKED = -1e4  # additive logit for masked items: exp() underflows to 0, no inf arithmetic
@@ -634,7 +611,7 @@ class GRAMOutput:
     item_weights: Tensor  # [BN, K]
     retrieval: Retrieval
     losses: dict[str, Tensor] = field(default_factory=dict)  # raw (unweighted) gate losses
-    diagnostics: dict[str, float] = field(default_factory=dict)
+    diagnostics: dict[str, Tensor] = field(default_factory=dict)
 
 
 class GRAM(nn.Module):
@@ -660,11 +637,11 @@ class GRAM(nn.Module):
         self.akg = AdaptiveKnowledgeGate(d_model, pred_len, llm_dim, n_heads)
 
     @classmethod
-    def from_config(cls, cfg: Config, llm_dim: int) -> GRAM:
-        m = cfg.model
+    def from_params(cls, hp: ModelParams, llm_dim: int) -> GRAM:
+        m = hp.model
         return cls(
-            seq_len=cfg.data.seq_len,
-            pred_len=cfg.data.pred_len,
+            seq_len=hp.window.seq_len,
+            pred_len=hp.window.pred_len,
             d_model=m.d_model,
             llm_dim=llm_dim,
             d_repr=m.d_repr,
@@ -687,7 +664,7 @@ class GRAM(nn.Module):
         self, patch_emb: Tensor, series: Tensor, query_positions: Tensor | None = None
     ) -> GRAMOutput:
         check_branch_inputs("GRAM", patch_emb, series)
-        if self.training and self.retriever.size and query_positions is None:
+        if self.training and query_positions is None and self.retriever.size:
             warnings.warn(
                 "GRA-M runs in training mode without query_positions: a training window may "
                 "retrieve its own future from the memory; pass gram.query_positions_for(starts, N)",
@@ -696,18 +673,16 @@ class GRAM(nn.Module):
         retrieval = self.retriever.retrieve(series, query_positions)
         fused = self.akg(patch_emb, retrieval)
         found = retrieval.valid.any(-1)
+        # detached tensors: the trainer reads them all at once (no device sync per value here)
+        size = self.retriever.memory_size.float()
         diagnostics = {
-            "gram_gate_mean": float(fused.gate.detach().mean()),
-            "gram_top_similarity": float(fused.confidence.detach()[found].mean())
-            if found.any()
-            else 0.0,
-            "gram_top_weight": float(retrieval.weights.detach()[found, 0].mean())
-            if found.any()
-            else 0.0,
-            "gram_found_fraction": float(found.float().mean()),
-            "gram_memory_size": float(self.retriever.size),
-            "gram_memory_empty": float(self.retriever.size == 0),
-            "gram_shape_weight": float(self.retriever.shape_weight.detach()),
+            "gram_gate_mean": fused.gate.detach().mean(),
+            "gram_top_similarity": _mean_where(fused.confidence.detach(), found),
+            "gram_top_weight": _mean_where(retrieval.weights.detach()[:, 0], found),
+            "gram_found_fraction": found.float().mean(),
+            "gram_memory_size": size,
+            "gram_memory_empty": (size == 0).float(),
+            "gram_shape_weight": self.retriever.shape_weight.detach(),
         }
         return GRAMOutput(
             patch_out=fused.patch_out,
@@ -723,7 +698,13 @@ class GRAM(nn.Module):
     @staticmethod
     def loss(
         out: GRAMOutput, lambda_retrieval: float = 0.3
-    ) -> tuple[Tensor, dict[str, Tensor], dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         """``(lambda_retrieval * (entropy + consistency), raw parts, diagnostics)``."""
         total = lambda_retrieval * sum(out.losses.values())
         return total, {f"gram_{k}": v for k, v in out.losses.items()}, dict(out.diagnostics)
+
+
+def _mean_where(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` where ``mask`` holds, 0 where it never does (no host sync)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)

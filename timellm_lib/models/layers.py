@@ -1,7 +1,7 @@
 """The trainable stages of Time-LLM: instance norm, patching, reprogramming, output head,
 and the stand-ins that replace the language model in the LLM ablations.
 
-Each stage is its own module so that the shape tracer (``timellm_lib.tracing``) can hook it,
+Each stage is its own module so that the shape tracer (``timellm_lib.notebooks.tracing``) can hook it,
 and so that the enhanced model can reuse it. Stages that are only tensor reshapes are made
 visible to the tracer with :class:`Tap`.
 """
@@ -206,3 +206,12 @@ class TransformerStandIn(nn.Module):
 
     def forward(self, embeds: Tensor, mask: Tensor) -> Tensor:
         return self.block(embeds, src_key_padding_mask=mask == 0)
+
+
+def moving_average(x: Tensor, kernel: int) -> Tensor:
+    """Centred moving average over the last dimension of ``x [R, C, T]``; the ends repeat the
+    first and last values so the length stays T (the DLinear paper's padding)."""
+    if kernel == 1:
+        return x
+    padded = F.pad(x, ((kernel - 1) // 2, kernel // 2), mode="replicate")
+    return F.avg_pool1d(padded, kernel, stride=1)

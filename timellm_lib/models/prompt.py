@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from timellm_lib.config import Config
+from timellm_lib.models.params import ModelParams
 
 
 @torch.no_grad()
@@ -45,21 +45,14 @@ def prompt_statistics(x_norm: Tensor, top_k_lags: int = 5) -> dict[str, Tensor]:
     }
 
 
-def build_prompts(stats: dict[str, Tensor], cfg: Config) -> list[str]:
-    """One prompt per series, in the published Time-LLM wording: ``prompt_head(cfg)`` followed
-    by that series' ``prompt_tails``."""
-    head = prompt_head(cfg)
-    return [head + tail for tail in prompt_tails(stats, cfg)]
-
-
-def prompt_head(cfg: Config) -> str:
+def prompt_head(hp: ModelParams) -> str:
     """The part of every prompt that does not depend on the series: dataset and task.
 
     It ends before the space that starts the statistics, so that tokenisers which attach a
     space to the following word (byte-level BPE) split the prompt at the same place whether
     head and tail are tokenised together or apart.
     """
-    m, d = cfg.model, cfg.data
+    m, d = hp.model, hp.window
     return (
         f"<|start_prompt|>Dataset description: {m.description}"
         f"Task description: forecast the next {d.pred_len} steps given the previous "
@@ -67,14 +60,14 @@ def prompt_head(cfg: Config) -> str:
     )
 
 
-def prompt_tails(stats: dict[str, Tensor], cfg: Config) -> list[str]:
+def prompt_tails(stats: dict[str, Tensor], hp: ModelParams) -> list[str]:
     """The per-series part of each prompt: the statistics of :func:`prompt_statistics`.
 
     ``prompt_format: published`` prints each value as the published code does (``str`` of
     the float); ``compact`` keeps ``prompt_precision`` significant digits, which gives
     shorter token sequences and so a cheaper LLM pass.
     """
-    m = cfg.model
+    m = hp.model
     if m.prompt_format == "published":
         fmt = str
     else:

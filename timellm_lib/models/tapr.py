@@ -1,43 +1,13 @@
 """TAPR: Trend-Aware Patch Router for the enhanced Time-LLM.
 
-Patch embeddings see 16-step pieces of a series; the trend that decides a long forecast
-lives at coarser scales. TAPR makes it explicit in two parts:
-
-* :class:`MultiScaleDecomposition` (TAPR-DM) looks at the patch sequence at several
-  resolutions (average pooling by 1, 4, 16, ...), extracts a moving-average trend per scale
-  and lets each finer scale attend to the next coarser one, so coarse context flows into
-  fine patches.
-* :class:`CoarseToFineHead` (TAPR-C2F) predicts the trend hierarchically: direction (up /
-  down / flat), magnitude (strong/weak up/down) and a regression of the relative change,
-  turns the predicted trend class into one extra LLM token and into a bounded, ramped
-  adjustment of the forecast in the predicted direction (see :func:`apply_trend_fusion`).
-
-:class:`TAPR` runs both; :meth:`TAPR.loss` trains the head on labels taken from the true
-future (:func:`trend_labels`).
-
-Label definition (computed per channel-independent series):
-``r = (mean(future) - last input value) / (mean |input - mean(input)| + eps)``, the change
-over the horizon in units of the window's mean absolute deviation, clipped to [-10, 10]. Unlike dividing by ``|last value|``, it does not explode
-when a (normalised) series crosses zero, and it is invariant to the per-window affine
-normalisation, so raw and normalised series give the same labels. With thresholds
-``t1 < t2 < t3 < t4`` and the flat-band centre ``m = (t2 + t3) / 2``:
-
-* direction: up if ``r > t3``, down if ``r < t2``, flat otherwise;
-* magnitude: strong up ``r > t4``, weak up ``m <= r <= t4``, weak down ``t1 <= r < m``,
-  strong down ``r < t1`` (so the weak bins share the flat band at its centre).
-
-Because ``r`` is in units of the window's own variability, its spread depends on the data
-(and on seq_len and pred_len): on ETTh1 the design's relative-change values +-0.005 and
-+-0.02 leave 0.4% of the windows flat. ``model.trend_thresholds = auto`` (the default)
-therefore initialises them when training starts from the 1/6, 1/3, 2/3 and 5/6 quantiles of
-the labels of every training series (:func:`quantile_thresholds`): each direction then holds
-about a third of the training series, the strong bins a sixth each. They are parameters, so
-checkpoints keep them; :func:`class_frequencies` reports the resulting class shares.
-
-The thresholds are learnable (kept strictly ordered as a base plus ``min_gap + softplus``
-increments). Labels use their current, detached values; they learn through an ordinal
-expert: the class logits are the sum of a free classifier and the log-probabilities that the
-regressed change ``r_hat`` falls in each bin (sigmoids of ``(r_hat - t) / temperature``).
+Patches see short pieces of a series; the trend that decides a long forecast lives at
+coarser scales. :class:`MultiScaleDecomposition` (TAPR-DM) lets each finer scale of the
+patch sequence attend to the next coarser one; :class:`CoarseToFineHead` (TAPR-C2F) predicts
+direction, magnitude and the relative change, which become one LLM token and a bounded
+adjustment of the forecast (:func:`apply_trend_fusion`). :meth:`TAPR.loss` trains the head on
+labels from the true future (:func:`trend_labels`, which defines them). Thresholds default to
+quantiles of the training labels (``model.trend_thresholds = auto``,
+:func:`quantile_thresholds`), since the labels' spread depends on the data.
 """
 
 from __future__ import annotations
@@ -48,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from timellm_lib.config import Config
 from timellm_lib.data.windows import WindowDataset
 from timellm_lib.models.gram import N_STATS, check_branch_inputs, window_statistics
+from timellm_lib.models.layers import moving_average
+from timellm_lib.models.params import ModelParams
 
 UP, DOWN, FLAT = 0, 1, 2  # direction classes
 STRONG_UP, WEAK_UP, WEAK_DOWN, STRONG_DOWN = 0, 1, 2, 3  # magnitude classes
@@ -109,14 +80,6 @@ def apply_trend_fusion(pred: Tensor, adjustment: Tensor, reference: Tensor | Non
 
 
 # --------------------------------------------------------------------------- TAPR-DM
-
-
-def moving_average(x: Tensor, kernel: int) -> Tensor:
-    """Trend of ``x [R, d, T]``: centred moving average, odd kernel, replicate padding."""
-    if kernel == 1:
-        return x
-    pad = (kernel - 1) // 2
-    return F.avg_pool1d(F.pad(x, (pad, pad), mode="replicate"), kernel, stride=1)
 
 
 def _to_patches(x: Tensor, length: int) -> Tensor:
@@ -356,7 +319,14 @@ def relative_change(
 
 
 def trend_labels(series: Tensor, future: Tensor, thresholds: Tensor) -> TrendLabels:
-    """Direction and magnitude labels of ``series [BN, L]`` / ``future [BN, H]`` (module docstring)."""
+    """Direction and magnitude labels of ``series [BN, L]`` / ``future [BN, H]``.
+
+    ``r = (mean(future) - last input) / (mean |input - mean(input)| + eps)``, clipped to
+    [-10, 10]: the change in units of the window's own variability, so it neither explodes
+    when a normalised series crosses zero nor depends on the per-window normalisation. With
+    ``t1 < t2 < t3 < t4`` and ``m = (t2 + t3) / 2``: direction up ``r > t3``, down ``r < t2``,
+    else flat; magnitude strong up ``r > t4``, weak up ``m <= r <= t4``, weak down
+    ``t1 <= r < m``, strong down ``r < t1``."""
     if series.dim() != 2 or future.dim() != 2 or series.shape[0] != future.shape[0]:
         raise ValueError(
             f"trend labels need series [B*N, L] and future [B*N, H] with the same rows; got "
@@ -367,7 +337,7 @@ def trend_labels(series: Tensor, future: Tensor, thresholds: Tensor) -> TrendLab
 
 
 def classify_change(r: Tensor, thresholds: Tensor) -> TrendLabels:
-    """Direction and magnitude labels of changes ``r [BN]`` (module docstring)."""
+    """Direction and magnitude labels of changes ``r [BN]`` (see :func:`trend_labels`)."""
     t1, t2, t3, t4 = torch.as_tensor(thresholds).detach()
     mid = (t2 + t3) / 2
     direction = torch.full_like(r, FLAT, dtype=torch.long)
@@ -469,9 +439,19 @@ class TAPR(nn.Module):
         self.head = CoarseToFineHead(2 * d_model + N_STATS, llm_dim, d_hidden, thresholds_init)
 
     @classmethod
-    def from_config(cls, cfg: Config, llm_dim: int) -> TAPR:
-        m = cfg.model
-        return cls(m.d_model, llm_dim, cfg.data.pred_len, n_scales=m.n_scales, n_heads=m.n_heads)
+    def from_params(cls, hp: ModelParams, llm_dim: int) -> TAPR:
+        """TAPR as the enhanced model builds it (``trend_thresholds = auto``: placeholders
+        until ``init_trend_thresholds`` sees the training data)."""
+        m = hp.model
+        thresholds = DEFAULT_THRESHOLDS if m.trend_thresholds == "auto" else m.trend_thresholds
+        return cls(
+            m.d_model,
+            llm_dim,
+            hp.window.pred_len,
+            n_scales=m.n_scales,
+            n_heads=m.n_heads,
+            thresholds_init=tuple(thresholds),
+        )
 
     @property
     def thresholds(self) -> Tensor:
@@ -496,7 +476,7 @@ class TAPR(nn.Module):
 
     def loss(
         self, out: TAPROutput, series: Tensor, future: Tensor, lambda_trend: float = 1.0
-    ) -> tuple[Tensor, dict[str, Tensor], dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         """``(lambda_trend * weighted sum, raw parts, diagnostics)`` from the true future.
 
         ``future`` is ``[B*N, H]`` in the same order and scale as ``series`` (use
@@ -523,12 +503,12 @@ class TAPR(nn.Module):
         diagnostics = {
             "tapr_direction_accuracy": _accuracy(out.direction_logits, labels.direction),
             "tapr_magnitude_accuracy": _accuracy(out.magnitude_logits, labels.magnitude),
-            "tapr_flat_fraction": float((labels.direction == FLAT).float().mean()),
-            "tapr_gate_mean": float(out.gate.detach().mean()),
-            **{f"tapr_threshold_{i + 1}": float(v) for i, v in enumerate(t)},
+            "tapr_flat_fraction": (labels.direction == FLAT).float().mean(),
+            "tapr_gate_mean": out.gate.detach().mean(),
+            **{f"tapr_threshold_{i + 1}": v for i, v in enumerate(t)},
         }
         return total, {f"tapr_{k}": v for k, v in parts.items()}, diagnostics
 
 
-def _accuracy(logits: Tensor, labels: Tensor) -> float:
-    return float((logits.detach().argmax(-1) == labels).float().mean())
+def _accuracy(logits: Tensor, labels: Tensor) -> Tensor:
+    return (logits.detach().argmax(-1) == labels).float().mean()

@@ -1,38 +1,15 @@
 """Time-LLM (Jin et al., ICLR 2024): forecasting by reprogramming a frozen language model.
 
-Per series: instance-normalise, cut into patches, embed them, reprogram the patch tokens
-onto text prototypes (so they live in the LLM's input space), put a prompt with dataset,
-task and input statistics in front, run the frozen LLM, and map the hidden states of the
-patch positions to the forecast. Only the patch embedding, the prototype mapping, the
-reprogramming layer and the head (plus, for MS, a channel mix) are trained.
-
-Differences from the published code, none of which change the method: statistics and lags
-are batched tensor ops (lags exclude lag 0 and mirrored lags); prompts are padded on the left
-with an attention mask and mask-derived positions, so the patches are always the last P
-positions and padding does not change any result; no hard-coded bfloat16; the frozen LLM is
-kept out of the module tree (never in ``state_dict``, optimizers or DDP); dropout in the
-frozen LLM is off unless ``model.backbone_dropout``; MS really maps all inputs to the target.
-
-Work that the published code repeats for every series is done once (issue 7; every item
-keeps the result within float rounding, see tests/test_performance_paths.py): the constant
-prompt head (dataset and task) is tokenised once per model and, on a causal LLM
-(``model.prefix_cache``), run once per batch into a key/value cache that every row reuses;
-the text prototypes are one matrix product per forward; the LLM runs PyTorch's fused
-attention and is never asked for attention maps or hidden states.
-
-LLM ablations of Tan et al. (NeurIPS 2024, "Are Language Models Actually Useful for Time
-Series Forecasting?") are ``model.llm_ablation``:
-
-- ``no_llm``: patch embeddings -> FlattenHead from d_model. No LLM, no reprogramming, no
-  prompt; the backbone is not even loaded.
-- ``llm2attn`` / ``llm2trsf``: only the frozen LLM body is replaced, by one randomly
-  initialised, trainable self-attention layer / Transformer block of the LLM's width
-  (:class:`~timellm_lib.models.layers.AttentionStandIn`, ``TransformerStandIn``). The
-  patching, reprogramming onto the word embeddings, the prompt, the attention mask and the
-  head on the first d_ff features of the last P positions stay exactly as with the LLM, so
-  the comparison isolates what the LLM body contributes. (The paper's released Time-LLM
-  ablation code also drops the reprogramming and the prompt and runs the layer at d_model;
-  ``no_llm`` is that variant without the layer.)
+Per series: instance-normalise, patch, embed, reprogram the patch tokens onto text prototypes
+(so they live in the LLM's input space), prefix a prompt with the input statistics, run the
+frozen LLM and map the patch positions' hidden states to the forecast; only the embedding,
+prototype mapping, reprogramming and head (for MS also a channel mix) are trained. The
+README's Models table lists where this differs from the published code and why none of it
+changes the method; work the published code repeats per series is done once (the README's
+Performance section). ``model.llm_ablation`` (Tan et al., NeurIPS 2024) replaces the LLM body
+by one trainable attention layer or Transformer block (``llm2attn``/``llm2trsf``, all else
+unchanged, so the comparison isolates the body) or drops LLM, reprogramming and prompt
+(``no_llm``).
 """
 
 from __future__ import annotations
@@ -43,8 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from timellm_lib.backbones import Backbone, load_backbone
-from timellm_lib.config import Config, ConfigError, check_llm_dim
+from timellm_lib.config import ConfigError, check_llm_dim
+from timellm_lib.models.backbones import Backbone, load_backbone
 from timellm_lib.models.layers import (
     AttentionStandIn,
     FlattenHead,
@@ -60,6 +37,7 @@ from timellm_lib.models.layers import (
     rows_to_channels,
 )
 from timellm_lib.models.output import Forecast
+from timellm_lib.models.params import ModelParams
 from timellm_lib.models.prompt import (
     PromptIds,
     PromptTokenizer,
@@ -67,11 +45,12 @@ from timellm_lib.models.prompt import (
     prompt_statistics,
     prompt_tails,
 )
+from timellm_lib.models.protocol import TrainingHooks
 
 log = logging.getLogger(__name__)
 
 
-class TimeLLM(nn.Module):
+class TimeLLM(TrainingHooks, nn.Module):
     """Baseline Time-LLM for ``n_in`` input and ``n_out`` output channels.
 
     Features M and S forecast every input channel independently (n_in == n_out). MS forecasts
@@ -89,20 +68,20 @@ class TimeLLM(nn.Module):
     """
 
     def __init__(
-        self, cfg: Config, n_in: int, n_out: int, target_index: int = -1, n_prefix: int = 0
+        self, hp: ModelParams, n_in: int, n_out: int, target_index: int = -1, n_prefix: int = 0
     ) -> None:
         super().__init__()
-        m, d = cfg.model, cfg.data
+        m, d = hp.model, hp.window
         _check_channels(d.features, n_in, n_out)
-        self.cfg = cfg
+        self.hp = hp
         self.n_in, self.n_out = n_in, n_out
         self.target_index = target_index % n_in
         self.n_patch = n_patches(d.seq_len, m.patch_len, m.stride)
-        # A plain attribute, not a submodule: see timellm_lib.backbones for why sharing is safe.
+        # A plain attribute, not a submodule: see timellm_lib.models.backbones for why sharing is safe.
         self.backbone: Backbone | None = None
         if m.llm_ablation != "no_llm":
             self.backbone = load_backbone(m.backbone, m.llm_layers, m.backbone_dropout)
-            check_llm_dim(cfg, self.backbone.llm_dim)
+            check_llm_dim(m, self.backbone.llm_dim)
             _warn_unavailable_speed_paths(self.backbone, self.speed_paths())
         # width of the tokens decode() reads: the LLM's, or d_model without an LLM
         self.token_dim = m.d_model if self.backbone is None else self.backbone.llm_dim
@@ -121,9 +100,9 @@ class TimeLLM(nn.Module):
                 m.d_model, m.n_heads, m.d_ff, self.token_dim, m.dropout
             )
             ramp = torch.linspace(-1.0, 1.0, d.seq_len).unsqueeze(0)  # any series will do
-            sample_tail = prompt_tails(prompt_statistics(ramp, m.top_k_lags), cfg)[0]
+            sample_tail = prompt_tails(prompt_statistics(ramp, m.top_k_lags), hp)[0]
             self.prompt_tokenizer = PromptTokenizer(
-                self.backbone.tokenizer, prompt_head(cfg), sample_tail
+                self.backbone.tokenizer, prompt_head(hp), sample_tail
             )
             self.prompt_embedding = Tap()
             self.llm_input = Tap()
@@ -142,7 +121,7 @@ class TimeLLM(nn.Module):
     def speed_paths(self) -> dict[str, str]:
         """Each exact speed switch of the config -> ``on``, ``off (config)`` or why the
         backbone cannot use it (see :meth:`Backbone.speed_path`); shown by ``timellm trace``."""
-        m, b = self.cfg.model, self.backbone
+        m, b = self.hp.model, self.backbone
         asked = {
             "model.prefix_cache": m.prefix_cache,
             "model.last_layer_patches_only": m.last_layer_patches_only,
@@ -175,75 +154,8 @@ class TimeLLM(nn.Module):
         """The frozen LLM stays in eval mode unless ``model.backbone_dropout``."""
         super().train(mode)
         if self.backbone is not None:
-            self.backbone.model.train(mode and self.cfg.model.backbone_dropout)
+            self.backbone.model.train(mode and self.hp.model.backbone_dropout)
         return self
-
-    def trace_stages(self) -> dict[str, tuple[str, str]]:
-        """Submodule path -> (stage name, note) for ``timellm_lib.tracing``, in forward order."""
-        m = self.cfg.model
-        stages = {
-            "normalize": ("Instance Norm", "RevIN: per-series mean/std over time, no affine"),
-            "channel_independence": ("Channel Independence", "[B, L, N] -> [B*N, L, 1]"),
-            "patching": (
-                "Patching",
-                f"replication pad {m.stride}, P = (L - {m.patch_len})//{m.stride} + 2 "
-                f"= {self.n_patch}",
-            ),
-            "patch_embedding": ("Patch Embedding", "circular Conv1d (kernel 3) to d_model"),
-        }
-        if self.backbone is None:
-            positions = self.head.linear.in_features // m.d_model
-            stages["head"] = (
-                "Head",
-                f"no_llm: FlattenHead d_model*{positions} -> pred_len, no LLM, no prompt",
-            )
-        else:
-            stages.update(self._language_stages())
-        if hasattr(self, "channel_mixing"):
-            stages["channel_mixing"] = ("Channel Mixing", "MS: Linear(n_in -> 1) to the target")
-        return stages
-
-    def _language_stages(self) -> dict[str, tuple[str, str]]:
-        m, b = self.cfg.model, self.backbone
-        if self.llm_standin is None:
-            llm = f"frozen {b.name}, {b.n_layers} layers"
-        else:
-            kind = type(self.llm_standin).__name__
-            llm = f"{m.llm_ablation}: one trainable {kind} replaces {b.name}"
-        return {
-            "text_prototypes": (
-                "Text Prototypes",
-                f"Linear(vocab -> {m.num_tokens}) of the frozen word embeddings",
-            ),
-            "reprogramming": (
-                "Reprogramming",
-                f"{m.n_heads} heads x d_keys {m.d_ff} over the prototypes, to llm_dim",
-            ),
-            "prompt_embedding": ("Prompt Embedding", self._prompt_note()),
-            "llm_input": ("LLM Input", self._llm_input_note()),
-            "llm_output": ("LLM Output", self._llm_output_note(llm)),
-            "llm_features": ("LLM Features", f"first d_ff = {m.d_ff} features of the last P"),
-            "head": ("Head", "FlattenHead: d_ff*P -> pred_len"),
-        }
-
-    def _llm_output_note(self, llm: str) -> str:
-        if self._keeps_patches_only():
-            return f"{llm}; its final layer computes only the last P (patch) positions"
-        return llm
-
-    def _llm_input_note(self) -> str:
-        if self._caches_prefix(None):
-            return "[per-series prompt ; patches] after the cached head, patches last"
-        return "[prompt ; patches], patches last"
-
-    def _prompt_note(self) -> str:
-        if self._caches_prefix(None):
-            n_head = self.prompt_tokenizer.head.numel()
-            return (
-                f"per-series prompt tokens, left-padded; the shared head ({n_head} tokens) "
-                "runs once per batch into a key/value cache"
-            )
-        return "left-padded prompt tokens, word embeddings"
 
     # --------------------------------------------------------------------------- forward
 
@@ -275,14 +187,14 @@ class TimeLLM(nn.Module):
             return self.head(tokens if prefix is None else torch.cat([prefix, tokens], dim=1))
         prototypes = self.text_prototypes(self.backbone.word_embeddings)
         patches = self.reprogramming(tokens, prototypes)  # [B*N, P, llm_dim]
-        stats = prompt_statistics(series, self.cfg.model.top_k_lags)
-        prompts = self.prompt_tokenizer(prompt_tails(stats, self.cfg))
-        if self._caches_prefix(prefix):
+        stats = prompt_statistics(series, self.hp.model.top_k_lags)
+        prompts = self.prompt_tokenizer(prompt_tails(stats, self.hp))
+        if self.caches_prefix(prefix):
             hidden = self._encode_after_cached_head(prompts, patches)
         else:
             embeds, mask = self.llm_inputs(prompts, patches, prefix)
             hidden = self.llm_output(self.language_model(embeds, mask))
-        return self.head(self.llm_features(hidden[:, -self.n_patch :, : self.cfg.model.d_ff]))
+        return self.head(self.llm_features(hidden[:, -self.n_patch :, : self.hp.model.d_ff]))
 
     def to_channels(
         self, rows: Tensor, batch_size: int, mean: Tensor, std: Tensor
@@ -325,21 +237,21 @@ class TimeLLM(nn.Module):
         if self.llm_standin is not None:
             return self.llm_standin(embeds, mask)
         self._check_positions(embeds.shape[1])
-        keep = self.n_patch if self._keeps_patches_only() else None
+        keep = self.n_patch if self.keeps_patches_only() else None
         return self.backbone.encode(embeds, mask, keep_last=keep)
 
-    def _keeps_patches_only(self) -> bool:
+    def keeps_patches_only(self) -> bool:
         """Whether the LLM's final layer runs for the patch positions alone
         (``model.last_layer_patches_only``): only they reach the head, so this is exact."""
         b = self.backbone
         return (
-            self.cfg.model.last_layer_patches_only
+            self.hp.model.last_layer_patches_only
             and self.llm_standin is None
             and b is not None
             and b.last_layer is not None
         )
 
-    def _caches_prefix(self, prefix: Tensor | None) -> bool:
+    def caches_prefix(self, prefix: Tensor | None) -> bool:
         """Whether the prompt head runs once per batch from a key/value cache
         (``model.prefix_cache``): exact, so used whenever possible. That needs a causal LLM
         (the head never attends to what follows it), no stand-in, no extra tokens before
@@ -347,7 +259,7 @@ class TimeLLM(nn.Module):
         the LLM in eval mode (with its dropout on, every row draws its own head)."""
         b = self.backbone
         return (
-            self.cfg.model.prefix_cache
+            self.hp.model.prefix_cache
             and prefix is None
             and self.llm_standin is None
             and b.can_cache_prefix
@@ -387,7 +299,7 @@ class TimeLLM(nn.Module):
     def _check_input(self, x: Tensor) -> None:
         """Every input channel, or (features M and S, where each channel is forecast on its
         own) a single channel: the samples of ``data.sample_unit = channel``."""
-        expected = (self.cfg.data.seq_len, self.n_in)
+        expected = (self.hp.window.seq_len, self.n_in)
         single = self.n_in == self.n_out and x.dim() == 3 and x.shape[2] == 1
         if x.dim() != 3 or (tuple(x.shape[1:]) != expected and not single):
             raise ValueError(

@@ -2,7 +2,8 @@
 distributed runs (torchrun/DDP), faults (stop signals, failed saves) and the run lock.
 
 ``train(cfg)`` runs (or continues) a run and returns a :class:`TrainResult`; checkpoint files
-are read and explained with :mod:`timellm_lib.training.checkpoint`.
+are read with :mod:`timellm_lib.training.checkpoint`, their fields defined in
+:mod:`timellm_lib.training.schema`.
 """
 
 from timellm_lib.training.checkpoint import CheckpointError

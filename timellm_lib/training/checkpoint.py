@@ -1,23 +1,9 @@
-"""Checkpoint files: atomic writing, safe loading, digests, description, and finding one to resume.
+"""Checkpoint files: atomic writes, safe loads with a content checksum, digests, and finding
+the file to resume from. What the fields are is :mod:`timellm_lib.training.schema`.
 
-A checkpoint is one flat dict saved with ``torch.save`` (its layout is built in
-:func:`timellm_lib.training.trainer.checkpoint_payload`). Four rules make it trustworthy:
-
-- **Atomic writes.** The dict is written to a temporary file in the same folder, flushed and
-  fsynced, renamed over the target (``os.replace`` is atomic), and the folder is fsynced so the
-  rename itself survives a power cut. A crash during a save leaves the previous files intact
-  and at worst a stray ``.*.tmp`` file, which the next resume removes.
-- **Safe loads.** Files are always read with ``torch.load(weights_only=True)``: only tensors
-  and plain values can come out, so a crafted file cannot run code. Every way a file can be
-  bad (missing, empty, truncated, foreign bytes, pickled code) becomes a :class:`CheckpointError`
-  that says which and what to do.
-- **Checksums.** A torch file does not notice a flipped bit inside a tensor: it loads, with
-  other numbers. So :func:`save_checkpoint` stores ``checksum``, a sha256 over the content of
-  every other field (tensors by dtype, shape and bytes), and :func:`load_checkpoint` recomputes
-  it and refuses a file whose content no longer matches; ``--resume auto`` then walks back to
-  an earlier checkpoint. (Files written before checksums existed load unchecked.)
-- **Digests.** ``state_digest`` fingerprints the model weights, ``resume_digest`` everything a
-  resume restores; two runs are bit-identical exactly when their digests are equal.
+Loads use ``torch.load(weights_only=True)`` so a file can never run code, and every way a file
+can be bad becomes a :class:`CheckpointError` naming the fix. A torch file does not notice a
+flipped bit inside a tensor, hence the checksum (files written before it load unchecked).
 """
 
 from __future__ import annotations
@@ -25,91 +11,22 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import math
-import os
 import re
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from timellm_lib.errors import WorkbenchError
+from timellm_lib.files import TMP_SUFFIX, atomic_file
+from timellm_lib.training import schema
+from timellm_lib.training.schema import CHECKSUM, FORMAT_VERSION, RESUME_SECTIONS
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-TMP_SUFFIX = ".tmp"
 STEP_PATTERN = re.compile(r"^step_(\d{8,})\.pt$")
-
-# What each section of a checkpoint is for (shown by ``timellm inspect``).
-SECTION_PURPOSE = {
-    "model": "trainable weights and buffers (a GRA-M memory bank is a buffer); the frozen "
-    "backbone is not stored, only its fingerprint",
-    "optimizer": "optimizer moments and step counts, so updates continue as if never stopped",
-    "scheduler": "learning-rate schedule position (its step count and base lr)",
-    "scaler": "fp16 loss-scale state (None unless train.amp is fp16)",
-    "ema": "exponential moving average of the weights (None unless train.ema_decay > 0)",
-    "early_stopping": "best_score, val_loss_min and counter of EarlyStopping",
-    "rng": "python, numpy and torch random states (of rank 0 in a distributed run), so "
-    "dropout draws continue identically",
-    "rng_other_ranks": "the same random states for ranks 1..K-1 of a K-process run (empty in "
-    "a single process); each rank restores its own",
-    "sampler": "data order: seed, epoch and batches already consumed in that epoch",
-    "config": "the resolved run configuration, compared with the current one on resume",
-    "backbone": "name and fingerprint of the frozen language model the weights belong to",
-    "data": "the training split's scaler (mean and std per column) and the model's input and "
-    "output channel names, so forecasting a CSV needs no training data",
-}
-# Everything a resume restores; resume_digest hashes exactly these.
-RESUME_SECTIONS = (
-    "global_step",
-    "model",
-    "optimizer",
-    "scheduler",
-    "scaler",
-    "ema",
-    "early_stopping",
-    "rng",
-    "sampler",
-    "world_size",
-    "rng_other_ranks",
-)
-# Sections a resume can do without: files written before they existed (no EarlyStopping;
-# single-process files without world_size and rng_other_ranks).
-OPTIONAL_SECTIONS = ("early_stopping", "world_size", "rng_other_ranks")
-CHECKSUM_KEY = "checksum"
-CHECKPOINT_KINDS = ("step", "best", "final")
-# Field: (accepted types, what it must be, for the message). Every reader can rely on these.
-SCHEMA: dict[str, tuple[tuple[type, ...], str]] = {
-    "format_version": ((int,), "a whole number"),
-    "kind": ((str,), f"one of {list(CHECKPOINT_KINDS)}"),
-    "global_step": ((int,), "a whole number >= 0"),
-    "epoch": ((int,), "a whole number >= 0"),
-    "step_in_epoch": ((int,), "a whole number >= 0"),
-    "train_steps": ((int,), "a whole number >= 0"),
-    "metrics_lines": ((int,), "a whole number >= 0"),
-    "world_size": ((int,), "a whole number >= 0"),
-    "model": ((dict,), "a dict of tensors by name"),
-    "config": ((dict,), "a dict of config sections"),
-    "optimizer": ((dict,), "a dict (an optimizer state)"),
-    "scheduler": ((dict,), "a dict (a scheduler state)"),
-    "scaler": ((dict, type(None)), "a dict or None"),
-    "ema": ((dict, type(None)), "a dict or None"),
-    "early_stopping": ((dict, type(None)), "a dict or None"),
-    "rng": ((dict,), "a dict of random states"),
-    "rng_other_ranks": ((list,), "a list of random states"),
-    "sampler": ((dict,), "a dict"),
-    "backbone": ((dict, type(None)), "a dict or None"),
-    "data": ((dict, type(None)), "a dict or None"),
-    "lr": ((float, int), "a number"),
-    "resume_from": ((str,), "a checkpoint file name"),
-    CHECKSUM_KEY: ((str,), "a sha256 hex string"),
-}
-REQUIRED_FIELDS = ("format_version", "global_step", "model", "config")
 
 
 class CheckpointError(WorkbenchError):
@@ -119,40 +36,11 @@ class CheckpointError(WorkbenchError):
 # ------------------------------------------------------------------------------ writing
 
 
-@contextmanager
-def atomic_file(path: str | Path) -> Iterator[IO[bytes]]:
-    """Open a temporary file beside ``path``; on success it replaces ``path`` atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    with atomic_file(path) as f:
-        f.write(text.encode())
-
-
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` with its content checksum to ``path`` atomically (see the module
     docstring). It is serialized in memory first, so that a failing write (disk full, no
     permission) surfaces as the ``OSError`` that says so, not as a torch zip-writer error."""
-    payload = {**payload, CHECKSUM_KEY: content_checksum(payload)}
+    payload = {**payload, CHECKSUM: content_checksum(payload)}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     with atomic_file(path) as f:
@@ -208,12 +96,12 @@ def load_checkpoint(path: str | Path, peek: bool = False) -> dict[str, Any]:
             f"{path} has checkpoint format {payload['format_version']}, newer than the "
             f"{FORMAT_VERSION} this version reads; upgrade timellm_lib"
         )
-    if not peek and CHECKSUM_KEY in payload:
+    if not peek and CHECKSUM in payload:
         computed = content_checksum(payload)
-        if computed != payload[CHECKSUM_KEY]:
+        if computed != payload[CHECKSUM]:
             raise CheckpointError(
                 f"checkpoint {path} fails its content checksum (stored "
-                f"{str(payload[CHECKSUM_KEY])[:16]}..., content {computed[:16]}...): its bytes "
+                f"{str(payload[CHECKSUM])[:16]}..., content {computed[:16]}...): its bytes "
                 "changed after it was written (a disk or copy error); use an earlier "
                 "checkpoint (--resume auto skips damaged files)"
             )
@@ -223,33 +111,17 @@ def load_checkpoint(path: str | Path, peek: bool = False) -> dict[str, Any]:
 def _check_schema(payload: dict[str, Any], path: Path) -> None:
     """Refuse a dict that is not shaped like a checkpoint (crafted, or written by other
     code), naming the first missing or mistyped field, so that no reader meets a KeyError."""
-    for name, (kinds, wanted) in SCHEMA.items():
-        if name not in payload:
-            if name in REQUIRED_FIELDS:
-                problem = f"has no field {name!r} ({wanted})"
-                break
-            continue
-        value = payload[name]
-        if isinstance(value, bool) and bool not in kinds:  # bool is an int to isinstance
-            ok = False
-        elif name == "kind":
-            ok = value in CHECKPOINT_KINDS
-        elif name == "model":
-            ok = isinstance(value, dict) and all(
-                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()
-            )
+    for field in schema.FIELDS:
+        if field.key not in payload:
+            problem = f"has no field {field.key!r} ({field.wanted})" if field.required else None
         else:
-            ok = isinstance(value, kinds) and not (isinstance(value, int) and value < 0)
-        if not ok:
-            shown = repr(value) if not isinstance(value, dict | list) else type(value).__name__
-            problem = f"has field {name!r} = {shown[:60]}, but it must be {wanted}"
-            break
-    else:
-        return
-    raise CheckpointError(
-        f"{path} is not a valid timellm checkpoint: it {problem}; it was made or changed by "
-        "something other than `timellm train`. Pass a checkpoint written by `timellm train`"
-    )
+            problem = schema.problem_with(field.key, payload[field.key])
+        if problem:
+            raise CheckpointError(
+                f"{path} is not a valid timellm checkpoint: it {problem}; it was made or "
+                "changed by something other than `timellm train`. Pass a checkpoint written "
+                "by `timellm train`"
+            )
 
 
 def _explain_load_failure(path: Path, err: Exception) -> str:
@@ -391,12 +263,6 @@ def select_resume_checkpoint(run_dir: str | Path, mode: str) -> tuple[Path, dict
     return path, _resumable(payload, path)
 
 
-def find_resume_checkpoint(run_dir: str | Path, mode: str) -> Path | None:
-    """Path of the checkpoint ``--resume mode`` would use (see select_resume_checkpoint)."""
-    found = select_resume_checkpoint(run_dir, mode)
-    return found[0] if found else None
-
-
 def _peek_step(path: Path) -> int | None:
     try:
         return int(load_checkpoint(path, peek=True)["global_step"])
@@ -406,7 +272,7 @@ def _peek_step(path: Path) -> int | None:
 
 
 def _resumable(payload: dict, path: Path) -> dict:
-    missing = [k for k in RESUME_SECTIONS if k not in payload and k not in OPTIONAL_SECTIONS]
+    missing = [k for k in RESUME_SECTIONS if k not in payload and k not in schema.OPTIONAL_SECTIONS]
     if missing:
         raise CheckpointError(
             f"{path} lacks {missing} and cannot be resumed from (kind {payload.get('kind')!r}); "
@@ -467,7 +333,7 @@ def _feed(h: Any, value: Any) -> None:
 def content_checksum(payload: dict[str, Any]) -> str:
     """sha256 over every field of a checkpoint except the checksum itself."""
     h = hashlib.sha256()
-    _feed(h, {k: v for k, v in payload.items() if k != CHECKSUM_KEY})
+    _feed(h, {k: v for k, v in payload.items() if k != CHECKSUM})
     return h.hexdigest()
 
 
@@ -478,121 +344,3 @@ def resume_digest(payload: dict[str, Any]) -> str:
         _feed(h, section)
         _feed(h, payload.get(section))
     return h.hexdigest()
-
-
-# ------------------------------------------------------------------------------ describing
-
-
-def describe_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The fields ``timellm inspect --json`` prints (see DESIGN.md, CLI contract)."""
-    path = Path(path)
-    payload = load_checkpoint(path)
-    es = payload.get("early_stopping") or {}
-    train_steps = payload.get("train_steps")
-    step = payload["global_step"]
-    sections = {
-        name: {"bytes": _section_bytes(payload[name]), "purpose": purpose}
-        for name, purpose in SECTION_PURPOSE.items()
-        if name in payload
-    }
-    return {
-        "path": str(path),
-        "format_version": payload["format_version"],
-        "kind": payload.get("kind"),
-        "global_step": step,
-        "epoch": payload.get("epoch"),
-        "step_in_epoch": payload.get("step_in_epoch"),
-        "train_steps": train_steps,
-        "best_score": es.get("best_score"),
-        "val_loss_min": es.get("val_loss_min", math.inf),
-        "counter": es.get("counter", 0),
-        "early_stopping_missing": [
-            k for k in ("best_score", "val_loss_min", "counter") if k not in es
-        ],
-        "lr": payload.get("lr"),
-        "backbone": payload.get("backbone"),
-        "bytes": path.stat().st_size,
-        "state_digest": state_digest(payload["model"]),
-        "resume_digest": resume_digest(payload) if "optimizer" in payload else None,
-        "checksum": payload.get(CHECKSUM_KEY),  # verified by loading; None in older files
-        "world_size": payload.get("world_size", 1 if "optimizer" in payload else None),
-        "resume_from": payload.get("resume_from"),
-        "metrics_lines": payload.get("metrics_lines"),
-        "sections": sections,
-    }
-
-
-def _section_bytes(value: Any) -> int:
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    return buffer.tell()
-
-
-def format_description(info: dict[str, Any]) -> str:
-    """A checkpoint described in words, for reading and teaching."""
-    kind_words = {
-        "step": "a step checkpoint: everything needed to continue training exactly",
-        "final": "the final checkpoint, written when training ended (resumable too)",
-        "best": "the EarlyStopping best, for inference; training resumes from its companion "
-        f"{info.get('resume_from')}",
-    }
-    lines = [
-        f"{info['path']} ({_size(info['bytes'])}, format {info['format_version']})",
-        f"  kind: {info['kind']}, {kind_words.get(info['kind'], 'unknown kind')}",
-    ]
-    step, epoch, in_epoch, steps = (
-        info["global_step"],
-        info["epoch"],
-        info["step_in_epoch"],
-        info["train_steps"],
-    )
-    if steps:
-        lines.append(
-            f"  position: global_step {step} = epoch {epoch} x {steps} steps + step_in_epoch "
-            f"{in_epoch}: epoch {epoch} (counting from 0) has {in_epoch} of its {steps} "
-            "optimizer steps done"
-        )
-    else:
-        lines.append(f"  position: global_step {step} (optimizer steps done)")
-    lr = info["lr"]
-    lines.append(f"  learning rate at this point: {lr:.6g}" if lr is not None else "  lr: unknown")
-    if info["best_score"] is None:
-        es = "no validation yet (best_score None, val_loss_min inf)"
-    else:
-        es = (
-            f"best validation loss {info['val_loss_min']:.6g} (best_score = -loss = "
-            f"{info['best_score']:.6g})"
-        )
-    lines.append(
-        f"  EarlyStopping: {es}; counter {info['counter']} (validations since the last "
-        "improvement; training stops when it reaches train.patience)"
-    )
-    if info["early_stopping_missing"]:
-        lines.append(
-            f"  (older checkpoint: EarlyStopping fields {info['early_stopping_missing']} are "
-            "absent and load as their fresh-start values)"
-        )
-    backbone = info["backbone"] or {}
-    if backbone.get("fingerprint"):
-        lines.append(
-            f"  backbone: {backbone.get('name')} (not stored; fingerprint "
-            f"{backbone['fingerprint'][:16]}...)"
-        )
-    else:
-        lines.append("  backbone: none (the model has no frozen language model)")
-    lines.append(f"  state_digest:  {info['state_digest']}")
-    if info["resume_digest"]:
-        lines.append(f"  resume_digest: {info['resume_digest']}")
-    lines.append("  sections (serialized size, what they are for):")
-    for name, section in info["sections"].items():
-        lines.append(f"    {name:<15}{_size(section['bytes']):>10}  {section['purpose']}")
-    return "\n".join(lines)
-
-
-def _size(n: float) -> str:
-    unit = "B"
-    for bigger in ("kB", "MB", "GB"):
-        if n < 1000:
-            break
-        n, unit = n / 1000, bigger
-    return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"

@@ -120,7 +120,7 @@ def wrap_model(world: World, model: nn.Module) -> nn.Module:
     newer = "forward_sync_buffers" in inspect.signature(ddp).parameters
     no_buffer_sync = {"forward_sync_buffers" if newer else "broadcast_buffers": False}
     device_ids = [world.device.index] if world.device.type == "cuda" else None
-    unused = bool(getattr(model, "skips_parameters", False))
+    unused = model.skips_parameters
     return ddp(model, device_ids=device_ids, find_unused_parameters=unused, **no_buffer_sync)
 
 

@@ -1,20 +1,13 @@
-"""Faults a run meets from outside: a request to stop, and a write that fails.
+"""Faults a run meets and the policy for each: a stop request, a failing write, a non-finite
+loss.
 
-**Stop requests.** Clusters send SIGTERM shortly before they preempt a job, and a user presses
-Ctrl-C (SIGINT). Dying on the spot would lose every step since the last checkpoint, so
-:class:`StopSignals` only records the request. The loop finishes the optimizer step in
-progress (with the validation and saves that step triggers), all processes of a distributed
-run agree to stop after that same step, a step checkpoint is written at it, and ``train``
-returns with status ``interrupted``: the process exits 0 after at most one step, one
-validation and one save. Resuming from that checkpoint is bit-identical to never having
-stopped. Further signals while this happens are ignored (torchrun forwards one of its own on
-top of the user's); SIGKILL still ends a process at once, and the atomic checkpoint writes
-keep every earlier checkpoint intact.
-
-**Failing writes.** A full disk or a missing permission raises ``OSError`` in the middle of a
-run. :func:`describe_write_error` turns one into a sentence naming the file and the cause; the
-trainer then stops cleanly or, for checkpoint saves with ``train.on_save_error = continue``,
-logs it and trains on.
+- SIGTERM/SIGINT (:class:`StopSignals`) only record the request: every process stops after the
+  same optimizer step, with a checkpoint, so a preempted job loses nothing and resumes
+  bit-identically. Further signals are ignored; SIGKILL still ends a process at once.
+- A failed write (``OSError``) becomes a sentence naming the file and the cause
+  (:func:`describe_write_error`); a failed checkpoint save stops or trains on as
+  ``train.on_save_error`` says.
+- A non-finite loss is handled as ``train.on_nan`` says (:func:`on_non_finite`).
 """
 
 from __future__ import annotations
@@ -25,8 +18,14 @@ import os
 import signal
 import tempfile
 import threading
+from functools import partial
 from pathlib import Path
 from types import FrameType, TracebackType
+
+from timellm_lib.training.checkpoint import load_checkpoint, select_resume_checkpoint, step_files
+from timellm_lib.training.distributed import from_main
+from timellm_lib.training.resume import restore
+from timellm_lib.training.state import Run, TrainingError, relative
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +112,64 @@ def unwritable(folder: Path) -> OSError | None:
     os.close(fd)
     os.unlink(probe)
     return None
+
+
+# ---------------------------------------------------------------------------- non-finite loss
+
+
+def on_non_finite(run: Run, loss: float) -> dict[str, float] | None:
+    """``train.on_nan``: ``stop`` raises (naming the step and the last good checkpoint);
+    ``skip`` drops the update (the schedule still advances, staying aligned with
+    global_step); ``reload`` goes back to the newest valid step checkpoint, exactly as a
+    resume from it with ``--resume-new-lr`` would, the base lr multiplied by
+    ``train.on_nan_lr_factor`` once more at every reload (returns None). The log is rewound
+    with the rest, so its resume event (``reason``) is the trace of the reload."""
+    t = run.cfg.train
+    step = run.global_step + 1
+    run.optimizer.zero_grad(set_to_none=True)
+    if t.on_nan == "skip":
+        log.warning("loss %s at step %d: update skipped", loss, step)
+        run.scheduler.step()
+        return {"loss": loss, "skipped": 1.0}
+    what = f"the loss became {loss} at global_step {step}"
+    if t.on_nan == "stop" or run.nan_reloads >= t.on_nan_max_reloads:
+        if t.on_nan == "reload":
+            what += f" again after {run.nan_reloads} reloads (train.on_nan_max_reloads)"
+        raise TrainingError(f"{what}; {_what_now(run)}")
+    path = from_main(run.world, partial(_newest_step_checkpoint, run))
+    if path is None:
+        raise TrainingError(
+            f"{what} and train.on_nan = reload, but there is no checkpoint to reload yet; use "
+            "train.on_nan = skip or stop"
+        )
+    base_lr = run.scheduler.base_lrs[0] * t.on_nan_lr_factor  # lower again at each reload
+    run.nan_reloads += 1
+    log.warning("%s: reloading %s with base lr %g", what, path.name, base_lr)
+    reason = (
+        f"{what} (train.on_nan = reload {run.nan_reloads} of at most "
+        f"{t.on_nan_max_reloads}, lr x {t.on_nan_lr_factor})"
+    )
+    ckpt = load_checkpoint(path)
+    restore(run, path, ckpt, changes={}, base_lr=base_lr, reason=reason)
+    return None
+
+
+def _newest_step_checkpoint(run: Run) -> Path | None:
+    if not step_files(run.ckpt_dir):
+        return None
+    return select_resume_checkpoint(run.run_dir, "last")[0]
+
+
+def _what_now(run: Run) -> str:
+    """After a non-finite loss: the last good checkpoint and how to go on."""
+    files = step_files(run.ckpt_dir)
+    if not files:
+        return (
+            "no checkpoint was written yet. Lower train.lr or set train.grad_clip, or set "
+            "train.on_nan to skip"
+        )
+    return (
+        f"the last good checkpoint is {relative(files[-1][1], run.run_dir)}. Continue from "
+        "it with a lower lr (--resume auto --resume-new-lr --set train.lr=...), or set "
+        "train.on_nan to skip or reload"
+    )

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from timellm_lib.training.checkpoint import write_text_atomic
+from timellm_lib.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 

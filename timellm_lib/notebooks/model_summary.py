@@ -4,7 +4,7 @@ Time-LLM trains a few small layers around a large frozen language model, so "how
 model" has two very different answers: the trainable parameters (what the optimizer updates
 and checkpoints store) and the frozen backbone (loaded by name, never stored). The tables
 here keep the two apart, per top-level module, and :class:`ShapeExplorer` redraws them (and
-the shape trace of :mod:`timellm_lib.tracing`) as sizes and module switches change.
+the shape trace of :mod:`timellm_lib.notebooks.tracing`) as sizes and module switches change.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import nn
 from timellm_lib.config import Config, load_config
 from timellm_lib.errors import WorkbenchError
 from timellm_lib.models import build_model
-from timellm_lib.tracing import trace_shapes, trend_classes
+from timellm_lib.notebooks.tracing import trace_shapes, trend_classes
 
 PARAMETER_COLUMNS = ["module", "type", "trainable", "frozen", "buffers", "in_checkpoint"]
 SHAPE_COLUMNS = ["stage", "module", "shape", "note"]
@@ -26,7 +26,7 @@ SHAPE_COLUMNS = ["stage", "module", "shape", "note"]
 
 def channel_counts(cfg: Config, n_channels: int) -> tuple[int, int]:
     """(n_in, n_out) for ``n_channels`` data columns: M maps all to all, MS all to the
-    target, S the target to itself (the same rule as :func:`timellm_lib.tracing.trace_shapes`)."""
+    target, S the target to itself (the same rule as :func:`timellm_lib.notebooks.tracing.trace_shapes`)."""
     features = cfg.data.features
     return (1 if features == "S" else n_channels), (n_channels if features == "M" else 1)
 

@@ -313,15 +313,14 @@ def measure_cost(cfg: Config) -> dict[str, Any]:
 
     from timellm_lib.data import build_datasets
     from timellm_lib.data.sampler import fetch_batch
-    from timellm_lib.model_summary import parameter_table
     from timellm_lib.models import as_forecast, build_model
+    from timellm_lib.notebooks.model_summary import parameter_table
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         datasets = build_datasets(cfg.data)
         model = build_model(cfg, datasets.n_in, datasets.n_out)
-        if hasattr(model, "build_memory"):
-            model.build_memory(datasets.train, torch.Generator().manual_seed(cfg.train.seed))
+        model.build_memory(datasets.train, torch.Generator().manual_seed(cfg.train.seed))
         model.train()
         total = parameter_table(model).iloc[-1]
         x, y = fetch_batch(datasets.train, torch.arange(cfg.data.batch_size))

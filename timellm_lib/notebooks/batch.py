@@ -39,8 +39,8 @@ import pandas as pd
 import yaml
 from tqdm.auto import tqdm
 
-from timellm_lib import notebook_params
 from timellm_lib.errors import WorkbenchError
+from timellm_lib.notebooks import notebook_params
 
 if TYPE_CHECKING:
     from papermill import PapermillExecutionError

@@ -18,7 +18,7 @@ a file, all computed from real files so they stay true when the layout changes:
   digest and the same forecasts.
 
 Models are loaded from files as inference loads them
-(:func:`timellm_lib.inference.load_for_inference`).
+(:func:`timellm_lib.evaluation.inference.load_for_inference`).
 """
 
 from __future__ import annotations
@@ -37,17 +37,15 @@ from torch import nn
 from timellm_lib.config import Config, load_config
 from timellm_lib.data import build_datasets
 from timellm_lib.data.sampler import eval_batches
-from timellm_lib.inference import load_for_inference
+from timellm_lib.evaluation.inference import load_for_inference
 from timellm_lib.models import build_model
 from timellm_lib.models.output import as_forecast
-from timellm_lib.plots import PALETTE
+from timellm_lib.notebooks.describe import describe_checkpoint
+from timellm_lib.notebooks.plots import PALETTE
+from timellm_lib.training import schema as S
 from timellm_lib.training import train
 from timellm_lib.training.checkpoint import (
-    CHECKSUM_KEY,
-    RESUME_SECTIONS,
-    SECTION_PURPOSE,
     CheckpointError,
-    describe_checkpoint,
     load_checkpoint,
     load_model_weights,
     state_digest,
@@ -55,33 +53,8 @@ from timellm_lib.training.checkpoint import (
 )
 from timellm_lib.training.rng import seed_everything
 
-# Fields of a checkpoint that checkpoint.SECTION_PURPOSE does not explain.
-FIELD_PURPOSE = {
-    "format_version": "layout version of this dict; a file newer than the code is refused",
-    "kind": "step | best | final: what the file was written for",
-    "global_step": "optimizer steps done since the run started, across epochs (never reset)",
-    "epoch": "global_step // train_steps: the epoch the next optimizer step belongs to",
-    "step_in_epoch": "global_step % train_steps: steps of that epoch already done",
-    "train_steps": "optimizer steps per epoch; a resume refuses data that gives another count",
-    "metrics_lines": "lines metrics.jsonl had at this save; a resume truncates the log to them",
-    "lr": "learning rate of the next step, for reading (the scheduler section is what resumes)",
-    "resume_from": "best.pt only: the step checkpoint that `--resume best` continues from",
-    "world_size": "processes the run trained with (1: one process); a resume with another "
-    "count goes on, but is not bit-identical",
-    CHECKSUM_KEY: "sha256 over every other field; every full load recomputes it and refuses a "
-    "file whose content changed (a flipped bit loads silently otherwise)",
-}
-# What loading a model for forecasting reads: weights, the config that builds the model
-# around them, the backbone's name (its fingerprint checks it is the same model), the data's
-# scaler and channel names, and the checksum every full load verifies.
-INFERENCE_FIELDS = ("format_version", "model", "config", "backbone", "data", CHECKSUM_KEY)
-# What a resume reads besides RESUME_SECTIONS: the config (compared with the current one),
-# the backbone (checked), the epoch length (checked), the log length (to rewind it) and the
-# checksum.
-RESUME_FIELDS = (
-    *RESUME_SECTIONS,
-    *("format_version", "config", "backbone", "train_steps", "metrics_lines", CHECKSUM_KEY),
-)
+INFERENCE_FIELDS = S.INFERENCE_FIELDS
+RESUME_FIELDS = S.RESUME_FIELDS
 MEMORY_PREFIX = "memory_"  # GRA-M's memory bank buffers (see timellm_lib.models.gram.PVDR)
 KIND_ORDER = {"step": 0, "best": 1, "final": 2}
 # Applied before the user's overrides to the small runs the notebooks train: one torch
@@ -144,7 +117,6 @@ def field_table(path: str | Path) -> pd.DataFrame:
     what it is for."""
     payload = load_checkpoint(path)
     sections = describe_checkpoint(path)["sections"]
-    purpose = {**FIELD_PURPOSE, **SECTION_PURPOSE}
     rows = [
         {
             "field": name,
@@ -152,7 +124,7 @@ def field_table(path: str | Path) -> pd.DataFrame:
             "bytes": sections[name]["bytes"] if name in sections else None,
             "inference": name in INFERENCE_FIELDS,
             "resume": name in RESUME_FIELDS,
-            "purpose": purpose.get(name, ""),
+            "purpose": S.PURPOSE.get(name, ""),
         }
         for name, value in payload.items()
     ]
@@ -243,7 +215,7 @@ def field_bytes_figure(fields: pd.DataFrame, title: str = "") -> Figure:
         for row in sized.itertuples()
     ]
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(sized) + 1.2), layout="constrained")
-    plt.close(fig)  # returned, not shown twice (see timellm_lib.plots)
+    plt.close(fig)  # returned, not shown twice (see timellm_lib.notebooks.plots)
     ax.barh(sized["field"], sized["bytes"].astype(float), color=[readers[n] for n in names])
     ax.set_xscale("log")
     ax.invert_yaxis()
@@ -264,7 +236,7 @@ def backbone_report(model: nn.Module, path: str | Path) -> dict[str, Any]:
     ``backbone`` is None for models without a language model (mlp, dlinear, no_llm).
     """
     path = Path(path)
-    stored = load_checkpoint(path, peek=True).get("backbone") or {}
+    stored = load_checkpoint(path, peek=True).get(S.BACKBONE) or {}
     backbone = getattr(model, "backbone", None)
     report: dict[str, Any] = {
         "backbone": stored.get("name"),
@@ -344,17 +316,17 @@ def best_companion(run_dir: str | Path) -> dict[str, Any]:
     weights unless best.pt holds EMA weights (train.eval_with_ema)."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     best = load_checkpoint(ckpt_dir / "best.pt")
-    companion_path = ckpt_dir / best["resume_from"]
+    companion_path = ckpt_dir / best[S.RESUME_FROM]
     companion = load_checkpoint(companion_path) if companion_path.is_file() else None
     return {
-        "best_step": best["global_step"],
-        "resume_from": best["resume_from"],
+        "best_step": best[S.GLOBAL_STEP],
+        "resume_from": best[S.RESUME_FROM],
         "companion_exists": companion is not None,
-        "same_step": companion is not None and companion["global_step"] == best["global_step"],
+        "same_step": companion is not None and companion[S.GLOBAL_STEP] == best[S.GLOBAL_STEP],
         "same_weights": companion is not None
-        and state_digest(companion["model"]) == state_digest(best["model"]),
-        "best_has_optimizer": "optimizer" in best,
-        "companion_has_optimizer": companion is not None and "optimizer" in companion,
+        and state_digest(companion[S.MODEL]) == state_digest(best[S.MODEL]),
+        "best_has_optimizer": S.OPTIMIZER in best,
+        "companion_has_optimizer": companion is not None and S.OPTIMIZER in companion,
     }
 
 
@@ -383,7 +355,7 @@ def round_trip(path: str | Path, model: nn.Module | None = None) -> dict[str, An
     with torch.no_grad():
         a, b = as_forecast(model(x)).pred, as_forecast(fresh(x)).pred
     digests = {
-        "file": state_digest(load_checkpoint(path)["model"]),
+        "file": state_digest(load_checkpoint(path)[S.MODEL]),
         "memory": state_digest(model.state_dict()),
         "reloaded": state_digest(fresh.state_dict()),
     }

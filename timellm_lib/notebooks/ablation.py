@@ -29,7 +29,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +41,8 @@ from matplotlib.figure import Figure
 
 from timellm_lib.config import Config, load_config
 from timellm_lib.errors import WorkbenchError
-from timellm_lib.plots import PALETTE
-from timellm_lib.runs import load_metrics, read_config, read_evals
+from timellm_lib.notebooks.plots import PALETTE
+from timellm_lib.notebooks.runs import load_metrics, read_config, read_evals
 
 ENTRY_COLUMNS = ["study", "variant", "label", "seed", "param", "param_value", "run"]
 RUN_COLUMNS = ["run", "status", "seconds", "error"]
@@ -177,30 +177,52 @@ def build_plan(
         entries.append([study, variant.name, variant.label, seed, param, value, by_config[digest]])
 
     for seed in seeds:
-        for variant in chosen:
-            add("variants", variant, seed, None, None, [])
-        for param, values in (sensitivity or {}).items():
-            if not isinstance(values, list | tuple) or not values:
-                raise WorkbenchError(
-                    f"sensitivity[{param!r}] must be a non-empty list of values, got {values!r}"
-                )
-            key = param if "." in param else f"model.{param}"
-            for value in values:
-                extra = [f"{key}={_yaml(value)}"]
-                add("sensitivity", _variant(sensitivity_variant), seed, param, value, extra)
-        for value in fusion_modes:
-            mode, _, form = str(value).partition("+")
-            extra = [f"model.fusion={_yaml(mode)}", *([f"model.fusion_form={form}"] * bool(form))]
-            add("fusion", _variant(fusion_variant), seed, "fusion", value, extra)
+        sweep = (chosen, sensitivity, sensitivity_variant, fusion_modes, fusion_variant)
+        for study, variant, param, value, extra in _seed_settings(*sweep):
+            add(study, variant, seed, param, value, extra)
     plan = Plan(root, planned, pd.DataFrame(entries, columns=ENTRY_COLUMNS))
     if fusion_modes:
-        first = plan.runs[plan.entries[plan.entries["study"] == "fusion"]["run"].iloc[0]]
-        if not first.resolve().model.use_tapr:
-            raise WorkbenchError(
-                f"fusion_variant {fusion_variant!r} has no TAPR (model.use_tapr is false), so "
-                "model.fusion changes nothing; choose tapr or full"
-            )
+        _check_fusion_variant(plan, fusion_variant)
     return plan
+
+
+def _seed_settings(
+    chosen: list[Variant],
+    sensitivity: dict[str, Sequence[Any]] | None,
+    sensitivity_variant: str,
+    fusion_modes: Sequence[str],
+    fusion_variant: str,
+) -> Iterator[tuple[str, Variant, str | None, Any, list[str]]]:
+    """(study, variant, setting, value, overrides) of every run one seed gets."""
+    for variant in chosen:
+        yield "variants", variant, None, None, []
+    for param, values in (sensitivity or {}).items():
+        if not isinstance(values, list | tuple) or not values:
+            raise WorkbenchError(
+                f"sensitivity[{param!r}] must be a non-empty list of values, got {values!r}"
+            )
+        key = param if "." in param else f"model.{param}"
+        for value in values:
+            yield (
+                "sensitivity",
+                _variant(sensitivity_variant),
+                param,
+                value,
+                [f"{key}={_yaml(value)}"],
+            )
+    for value in fusion_modes:
+        mode, _, form = str(value).partition("+")
+        extra = [f"model.fusion={_yaml(mode)}", *([f"model.fusion_form={form}"] * bool(form))]
+        yield "fusion", _variant(fusion_variant), "fusion", value, extra
+
+
+def _check_fusion_variant(plan: Plan, fusion_variant: str) -> None:
+    first = plan.runs[plan.entries[plan.entries["study"] == "fusion"]["run"].iloc[0]]
+    if not first.resolve().model.use_tapr:
+        raise WorkbenchError(
+            f"fusion_variant {fusion_variant!r} has no TAPR (model.use_tapr is false), so "
+            "model.fusion changes nothing; choose tapr or full"
+        )
 
 
 def _variant(name: str) -> Variant:
@@ -228,7 +250,7 @@ def execute(
     resumed); returns one row per run: ``run, status, seconds, error``.
 
     ``runner``: ``batch`` executes ``notebook`` (parameters config, overrides, run_dir,
-    resume, seed) for each run through :func:`timellm_lib.batch.run_plan`, writing the
+    resume, seed) for each run through :func:`timellm_lib.notebooks.batch.run_plan`, writing the
     executed notebooks to ``<root>/notebooks``; ``direct`` calls ``train`` in this process.
     A failing run is reported in its row and the others still run.
     """
@@ -261,7 +283,7 @@ def _execute_direct(plan: Plan, progress: bool) -> pd.DataFrame:
 
 
 def _execute_batch(plan: Plan, notebook: Path, progress: bool) -> pd.DataFrame:
-    from timellm_lib.batch import run_plan
+    from timellm_lib.notebooks.batch import run_plan
 
     runs = list(plan.runs.values())
     batch_plan = {
@@ -332,7 +354,7 @@ def summary_table(results: pd.DataFrame, study: str = "variants") -> pd.DataFram
 
 def sensitivity_frames(results: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Per sensitivity setting, its finished runs with the setting as a numeric column of
-    that name (what :func:`timellm_lib.plots.sensitivity_mpl` draws)."""
+    that name (what :func:`timellm_lib.notebooks.plots.sensitivity_mpl` draws)."""
     rows = results[(results["study"] == "sensitivity") & results["finished"]]
     frames = {}
     for param, group in rows.groupby("param", sort=False):
@@ -480,7 +502,7 @@ def diagnostics_mpl(plan: Plan, results: pd.DataFrame) -> Figure:
     """Left: each aux loss relative to the MSE along training (log scale); right: TAPR's
     trend-direction accuracy on training batches, with the uniform-guess level."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
-    plt.close(fig)  # returned, not shown twice (see timellm_lib.plots)
+    plt.close(fig)  # returned, not shown twice (see timellm_lib.notebooks.plots)
     colors = iter(PALETTE * 4)
     for entry in _enhanced_entries(plan, results):
         events = train_events(plan.runs[entry.run].run_dir)
@@ -512,7 +534,7 @@ def fusion_comparison(plan: Plan, results: pd.DataFrame, device: str = "cpu") ->
     other row is a re-evaluation of the same weights with fusion switched. ``form`` is the
     run's ``model.fusion_form`` (reference or the design's multiplicative form).
     """
-    from timellm_lib.inference import evaluate_loaded, load_for_inference
+    from timellm_lib.evaluation.inference import evaluate_loaded, load_for_inference
 
     rows = []
     fusion = results[(results["study"] == "fusion") & results["finished"]]

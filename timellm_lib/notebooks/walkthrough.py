@@ -35,17 +35,18 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from timellm_lib import anatomy, plots
 from timellm_lib.config import Config, load_config
 from timellm_lib.data.windows import training_samples
 from timellm_lib.errors import WorkbenchError
-from timellm_lib.evaluation import evaluate
-from timellm_lib.inference import load_for_inference
+from timellm_lib.evaluation.inference import load_for_inference
+from timellm_lib.evaluation.metrics import evaluate
 from timellm_lib.models import build_model
-from timellm_lib.runs import load_metrics, read_evals
+from timellm_lib.notebooks import anatomy, plots
+from timellm_lib.notebooks.describe import describe_checkpoint
+from timellm_lib.notebooks.runs import load_metrics, read_evals
+from timellm_lib.training import schema as S
 from timellm_lib.training import train
 from timellm_lib.training.checkpoint import (
-    describe_checkpoint,
     load_checkpoint,
     save_checkpoint,
     state_digest,
@@ -221,7 +222,7 @@ class Scenario:
             )
         start = 0
         if result.resumed_from:
-            start = load_checkpoint(result.resumed_from, peek=True)["global_step"]
+            start = load_checkpoint(result.resumed_from, peek=True)[S.GLOBAL_STEP]
         leg = Leg(
             resumed_from=Path(result.resumed_from).name if result.resumed_from else None,
             start_step=start,
@@ -268,9 +269,9 @@ def _emulate_crash(run_dir: Path, cfg: Config, step: int) -> str | None:
     """Delete the checkpoint a pause at ``step`` wrote unless the run writes it anyway (epoch
     end, a save_steps multiple, best.pt's companion); returns the name deleted."""
     path = run_dir / "checkpoints" / step_name(step)
-    train_steps = load_checkpoint(path, peek=True)["train_steps"]
+    train_steps = load_checkpoint(path, peek=True)[S.TRAIN_STEPS]
     best = run_dir / "checkpoints" / "best.pt"
-    companion = best.is_file() and load_checkpoint(best, peek=True)["global_step"] == step
+    companion = best.is_file() and load_checkpoint(best, peek=True)[S.GLOBAL_STEP] == step
     save_steps = cfg.train.save_steps
     if step % train_steps == 0 or (save_steps and step % save_steps == 0) or companion:
         return None
@@ -329,7 +330,7 @@ def timeline(scenarios: Sequence[Scenario]) -> Figure:
 
 def logged(run_dir: str | Path, event: str, column: str) -> pd.Series:
     """``column`` of every ``event`` the run logged, by global_step (what a resume
-    superseded is dropped, see :func:`timellm_lib.runs.load_metrics`)."""
+    superseded is dropped, see :func:`timellm_lib.notebooks.runs.load_metrics`)."""
     metrics = load_metrics(run_dir)
     rows = metrics[metrics["event"] == event]
     return pd.Series(rows[column].to_numpy(), index=rows["global_step"].astype(int), name=column)
@@ -425,7 +426,7 @@ def resume_events(run_dir: str | Path) -> pd.DataFrame:
 
 
 def checkpoint_values(runs: dict[str, str | Path], column: str) -> pd.DataFrame:
-    """``column`` of :func:`timellm_lib.anatomy.checkpoint_files` (e.g. best_score, counter)
+    """``column`` of :func:`timellm_lib.notebooks.anatomy.checkpoint_files` (e.g. best_score, counter)
     for every step checkpoint of several runs, one column per run, by global_step."""
     frames = {}
     for label, run_dir in runs.items():
@@ -441,7 +442,7 @@ def strip_early_stopping(path: str | Path) -> list[str]:
     """Rewrite a checkpoint without its ``early_stopping`` entry, as code that did not save
     EarlyStopping wrote it; returns the fields removed."""
     payload = load_checkpoint(path)
-    removed = list(payload.pop("early_stopping", None) or {})
+    removed = list(payload.pop(S.EARLY_STOPPING, None) or {})
     save_checkpoint(path, payload)
     return removed
 
@@ -533,15 +534,15 @@ def checkpoint_after_validation(run_dir: str | Path, step: int) -> dict[str, Any
         i for i, e in enumerate(events) if e["event"] == "val" and e["global_step"] == step
     )
     ckpt = load_checkpoint(Path(run_dir) / "checkpoints" / step_name(step), peek=True)
-    es = ckpt["early_stopping"]
+    es = ckpt[S.EARLY_STOPPING]
     return {
         "val_loss logged": events[val_line]["val_loss"],
         "checkpoint best_score": es["best_score"],
         "checkpoint val_loss_min": es["val_loss_min"],
         "checkpoint counter": es["counter"],
         "val event is line": val_line + 1,
-        "checkpoint keeps log lines": ckpt["metrics_lines"],
-        "validation before the save": ckpt["metrics_lines"] > val_line,
+        "checkpoint keeps log lines": ckpt[S.METRICS_LINES],
+        "validation before the save": ckpt[S.METRICS_LINES] > val_line,
     }
 
 
@@ -563,7 +564,7 @@ def current_model(cfg: Config, run_dir: str | Path, stop: int, datasets: Any) ->
         memory = state_digest(model.state_dict())
         row: dict[str, Any] = {"moment": moment, "in memory": memory[:16]}
         for label, path in files.items():
-            digest = state_digest(load_checkpoint(path)["model"]) if path.is_file() else None
+            digest = state_digest(load_checkpoint(path)[S.MODEL]) if path.is_file() else None
             row[label] = f"{path.name}: {digest[:16]}" if digest else "(none yet)"
             row[f"memory = {label}"] = digest == memory
         rows.append(row)
@@ -587,7 +588,7 @@ def inference_facts(run_dir: str | Path) -> dict[str, Any]:
     val = evaluate(model, datasets.val, cfg.data.eval_batch_size)
     test = evaluate(model, datasets.test, cfg.data.eval_batch_size)
     hook.remove()
-    best_step = load_checkpoint(best, peek=True)["global_step"]
+    best_step = load_checkpoint(best, peek=True)[S.GLOBAL_STEP]
     logged_val = logged(run_dir, "val", "val_loss")[best_step]
     return {
         "best.pt global_step": best_step,
@@ -618,7 +619,7 @@ def lr_figure(curves: pd.DataFrame, reference: str, resume_step: int) -> Figure:
     fig, axes = plt.subplots(
         1, len(resumed), sharey=True, squeeze=False, figsize=(11, 3.4), layout="constrained"
     )
-    plt.close(fig)  # returned, not shown twice (see timellm_lib.plots)
+    plt.close(fig)  # returned, not shown twice (see timellm_lib.notebooks.plots)
     for ax, name in zip(axes[0], resumed, strict=True):
         ax.plot(curves.index, curves[reference], color="0.6", lw=2.5, label=reference)
         ax.plot(curves.index, curves[name], color=plots.PALETTE[1], lw=1.5, label=name)
@@ -649,7 +650,7 @@ def close(a: Sequence[float], b: Sequence[float]) -> bool:
 
 def best_step(run_dir: str | Path) -> int:
     """The global_step best.pt was written at."""
-    return int(load_checkpoint(Path(run_dir) / "checkpoints" / "best.pt", peek=True)["global_step"])
+    return int(load_checkpoint(Path(run_dir) / "checkpoints" / "best.pt", peek=True)[S.GLOBAL_STEP])
 
 
 def stop_step(run_dir: str | Path) -> int | None:

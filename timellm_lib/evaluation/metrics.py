@@ -11,7 +11,7 @@ split's statistics) is the one the published protocol reports and the trainer va
 the *original* space (inverse-transformed) is in the data's own units. Per channel the two
 differ exactly by the scaler: ``mse_original = mse * std**2`` and ``mae_original = mae * std``.
 
-This module scores a model on a dataset; :mod:`timellm_lib.inference` loads checkpoints,
+This module scores a model on a dataset; :mod:`timellm_lib.evaluation.inference` loads checkpoints,
 writes ``eval_<split>.json`` and predictions, and holds the ``timellm eval``/``predict``
 commands.
 """

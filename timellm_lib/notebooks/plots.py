@@ -28,7 +28,13 @@ from matplotlib.figure import Figure
 from plotly.subplots import make_subplots
 
 from timellm_lib.errors import WorkbenchError
-from timellm_lib.runs import PathLike, best_updates, export_long_csv, load_metrics, run_label
+from timellm_lib.notebooks.runs import (
+    PathLike,
+    best_updates,
+    export_long_csv,
+    load_metrics,
+    run_label,
+)
 
 PALETTE = [matplotlib.colors.to_hex(c) for c in plt.get_cmap("tab10").colors]
 

@@ -35,21 +35,17 @@ import pandas as pd
 import torch
 from torch import nn
 
-from timellm_lib.backbones import BackboneError
 from timellm_lib.config import Config, checkpoint_config, load_config
 from timellm_lib.data import Datasets, Scaler, build_datasets, read_series
 from timellm_lib.data.loaders import scale_to_float32
 from timellm_lib.data.windows import DataError
 from timellm_lib.errors import WorkbenchError
-from timellm_lib.evaluation import evaluate_report, forecasts, predict
+from timellm_lib.evaluation.metrics import evaluate_report, forecasts, predict
+from timellm_lib.files import atomic_file, write_text_atomic
 from timellm_lib.models import build_model
-from timellm_lib.training.checkpoint import (
-    CheckpointError,
-    atomic_file,
-    load_checkpoint,
-    load_model_weights,
-    write_text_atomic,
-)
+from timellm_lib.models.backbones import BackboneError
+from timellm_lib.training import schema as S
+from timellm_lib.training.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from timellm_lib.training.faults import describe_write_error, unwritable, write_fix
 
 OUTPUT_SUFFIXES = (".csv", ".npz")
@@ -122,18 +118,18 @@ def load_for_inference(
     """
     path, chosen = Path(path), _device(device)
     payload = load_checkpoint(path)
-    cfg = load_config(extra=checkpoint_config(payload["config"]), overrides=overrides)
-    data, datasets = payload.get("data"), None
+    cfg = load_config(extra=checkpoint_config(payload[S.CONFIG]), overrides=overrides)
+    data, datasets = payload.get(S.DATA), None
     if data is None:  # written before checkpoints stored the scaler and channel names
         datasets = _training_data(cfg, path, "to rebuild its scaler and channel names")
         data = datasets.inference_state()
     columns_in, columns_out = data["columns_in"], data["columns_out"]
-    model = _build(cfg, len(columns_in), len(columns_out), path, payload.get("backbone") or {})
-    state, weights = payload["model"], "model"
-    if payload.get("kind") != "best" and cfg.train.eval_with_ema and payload.get("ema"):
+    model = _build(cfg, len(columns_in), len(columns_out), path, payload.get(S.BACKBONE) or {})
+    state, weights = payload[S.MODEL], "model"
+    if payload.get(S.KIND) != "best" and cfg.train.eval_with_ema and payload.get(S.EMA):
         # averaged parameters only: older checkpoints also averaged buffers (GRA-M memory)
         params = dict(model.named_parameters())
-        shadow = {n: t for n, t in payload["ema"]["shadow"].items() if n in params}
+        shadow = {n: t for n, t in payload[S.EMA]["shadow"].items() if n in params}
         state, weights = {**state, **shadow}, "ema"
     load_model_weights(model, state)
     model.to(chosen).eval()
@@ -144,8 +140,8 @@ def load_for_inference(
         columns_in=columns_in,
         columns_out=columns_out,
         path=path,
-        kind=payload.get("kind", "step"),
-        global_step=int(payload["global_step"]),
+        kind=payload.get(S.KIND, "step"),
+        global_step=int(payload[S.GLOBAL_STEP]),
         weights=weights,
         device=chosen,
         amp_dtype=_amp_dtype(cfg.train.amp, chosen),
@@ -176,7 +172,7 @@ def _build(cfg: Config, n_in: int, n_out: int, path: Path, saved: dict[str, Any]
             "(model.backbone), which is not stored in checkpoints and must be loadable here: "
             f"{err}"
         ) from None
-    current = getattr(model, "backbone_fingerprint", None)
+    current = model.backbone_fingerprint
     if saved.get("fingerprint") != current:
         raise CheckpointError(
             f"checkpoint {path} belongs to backbone {saved.get('name')!r} (fingerprint "
@@ -407,7 +403,7 @@ def predict_split(loaded: Loaded, split: str = "test") -> Predictions:
 
 def forecast_example(loaded: Loaded, split: str = "test", index: int = 0) -> dict[str, Any]:
     """Window ``index`` of ``split`` as keyword arguments of
-    :func:`timellm_lib.plots.forecast_mpl` / ``forecast_plotly``: the history of the forecast
+    :func:`timellm_lib.notebooks.plots.forecast_mpl` / ``forecast_plotly``: the history of the forecast
     channels, the truth and the forecast (all in original units), channel names, the dates of
     history and future, and a title."""
     dataset = loaded.datasets.split(split)

@@ -1,10 +1,9 @@
 """Stage-by-stage tensor shapes of a model, measured by forward hooks on one real pass.
 
-A model lists its stages with ``trace_stages()`` (submodule path -> (stage name, note)), in
-forward order; stages that are not modules of their own are ``Tap`` submodules called on
-the tensor. The tracer hooks each listed module, runs one forward pass on random input and
-records every call in execution order, so the shapes are never written by hand and a model
-that adds stages (TAPR, GRA-M) only has to extend ``trace_stages()``.
+The stages of the Time-LLM models and their notes are written here (submodule path -> (stage
+name, note), in forward order; stages that are not modules of their own are ``Tap``
+submodules called on the tensor). The tracer hooks each listed module, runs one forward pass
+and records every call in execution order, so the shapes are never written by hand.
 """
 
 from __future__ import annotations
@@ -19,7 +18,9 @@ from torch import Tensor, nn
 from timellm_lib.config import Config
 from timellm_lib.data.windows import DataError
 from timellm_lib.models import as_forecast, build_model
+from timellm_lib.models.enhanced import EnhancedTimeLLM
 from timellm_lib.models.tapr import class_frequencies, quantile_thresholds, training_changes
+from timellm_lib.models.timellm import TimeLLM
 
 
 def trace_shapes(cfg: Config, batch_size: int = 32, n_channels: int | None = None) -> list[dict]:
@@ -85,8 +86,8 @@ def _trend_class_row(cfg: Config) -> dict:
 def trace_model(model: nn.Module, x: Tensor) -> list[dict]:
     """Trace one forward pass of ``model`` (in eval mode, without gradients) on ``x``.
 
-    Every stage listed by ``model.trace_stages()`` gets a row each time it runs; a model
-    without that method gets only the input and output rows. The output row carries
+    Every stage of the model gets a row each time it runs; a model without listed stages gets
+    only the input and output rows. The output row carries
     ``speed_paths`` when the model reports them (:meth:`TimeLLM.speed_paths`).
     """
     rows = [_row("Input", "", x, "model input")]
@@ -124,8 +125,129 @@ def format_trace(rows: list[dict]) -> str:
 
 
 def _stages(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """Submodule path -> (stage name, note), in forward order: the Time-LLM models' stages
+    are written here; another model may list its own with ``trace_stages()``."""
+    if isinstance(model, EnhancedTimeLLM):
+        return _enhanced_stages(model)
+    if isinstance(model, TimeLLM):
+        return _timellm_stages(model)
     trace_stages = getattr(model, "trace_stages", None)
     return trace_stages() if callable(trace_stages) else {}
+
+
+# ------------------------------------------------------------------ Time-LLM stage notes
+
+
+def _timellm_stages(model: TimeLLM) -> dict[str, tuple[str, str]]:
+    """The baseline Time-LLM's stages in forward order."""
+    m = model.hp.model
+    stages = {
+        "normalize": ("Instance Norm", "RevIN: per-series mean/std over time, no affine"),
+        "channel_independence": ("Channel Independence", "[B, L, N] -> [B*N, L, 1]"),
+        "patching": (
+            "Patching",
+            f"replication pad {m.stride}, P = (L - {m.patch_len})//{m.stride} + 2 "
+            f"= {model.n_patch}",
+        ),
+        "patch_embedding": ("Patch Embedding", "circular Conv1d (kernel 3) to d_model"),
+    }
+    if model.backbone is None:
+        positions = model.head.linear.in_features // m.d_model
+        stages["head"] = (
+            "Head",
+            f"no_llm: FlattenHead d_model*{positions} -> pred_len, no LLM, no prompt",
+        )
+    else:
+        stages.update(_language_stages(model))
+    if hasattr(model, "channel_mixing"):
+        stages["channel_mixing"] = ("Channel Mixing", "MS: Linear(n_in -> 1) to the target")
+    return stages
+
+
+def _language_stages(model: TimeLLM) -> dict[str, tuple[str, str]]:
+    m, b = model.hp.model, model.backbone
+    if model.llm_standin is None:
+        llm = f"frozen {b.name}, {b.n_layers} layers"
+    else:
+        kind = type(model.llm_standin).__name__
+        llm = f"{m.llm_ablation}: one trainable {kind} replaces {b.name}"
+    return {
+        "text_prototypes": (
+            "Text Prototypes",
+            f"Linear(vocab -> {m.num_tokens}) of the frozen word embeddings",
+        ),
+        "reprogramming": (
+            "Reprogramming",
+            f"{m.n_heads} heads x d_keys {m.d_ff} over the prototypes, to llm_dim",
+        ),
+        "prompt_embedding": ("Prompt Embedding", _prompt_note(model)),
+        "llm_input": ("LLM Input", _llm_input_note(model)),
+        "llm_output": ("LLM Output", _llm_output_note(model, llm)),
+        "llm_features": ("LLM Features", f"first d_ff = {m.d_ff} features of the last P"),
+        "head": ("Head", "FlattenHead: d_ff*P -> pred_len"),
+    }
+
+
+def _llm_output_note(model: TimeLLM, llm: str) -> str:
+    if model.keeps_patches_only():
+        return f"{llm}; its final layer computes only the last P (patch) positions"
+    return llm
+
+
+def _llm_input_note(model: TimeLLM) -> str:
+    if isinstance(model, EnhancedTimeLLM):
+        return _enhanced_llm_input_note(model)
+    if model.caches_prefix(None):
+        return "[per-series prompt ; patches] after the cached head, patches last"
+    return "[prompt ; patches], patches last"
+
+
+def _prompt_note(model: TimeLLM) -> str:
+    if model.caches_prefix(None):
+        n_head = model.prompt_tokenizer.head.numel()
+        return (
+            f"per-series prompt tokens, left-padded; the shared head ({n_head} tokens) "
+            "runs once per batch into a key/value cache"
+        )
+    return "left-padded prompt tokens, word embeddings"
+
+
+def _enhanced_stages(model: EnhancedTimeLLM) -> dict[str, tuple[str, str]]:
+    """The enhanced model's stages: TAPR and GRA-M after the patch embedding."""
+    m = model.hp.model
+    base = _timellm_stages(model)
+    extra = {}
+    if m.use_tapr:
+        kernels = ", ".join(str(4**s) for s in range(m.n_scales))
+        extra["tapr.decomposition"] = (
+            "TAPR-DM",
+            f"{m.n_scales} scales (pooling {kernels}), cross-scale attention",
+        )
+        extra["trend_token"] = ("Trend Token", "TAPR-C2F trend class -> 1 LLM token")
+    if m.use_gram:
+        extra["gram.akg"] = (
+            "GRA-M",
+            f"top-{m.top_k} retrieval, gated cross-attention fusion of retrieved futures",
+        )
+        extra["retrieval_tokens"] = ("Retrieval Tokens", "context, confidence -> 2 tokens")
+    stages = {}
+    for path, stage in base.items():
+        stages[path] = stage
+        if path == "patch_embedding":
+            stages.update(extra)
+    if hasattr(model, "trend_fusion"):
+        formula = {
+            "reference": "pred + adj * |pred - last input|",
+            "multiplicative": "pred * (1 + adj)",
+        }[m.fusion_form]
+        stages["trend_fusion"] = ("Trend Fusion", f"fusion={m.fusion}: {formula}")
+    return stages
+
+
+def _enhanced_llm_input_note(model: EnhancedTimeLLM) -> str:
+    m = model.hp.model
+    tokens = ["trend"] * m.use_tapr + ["retrieval x2"] * m.use_gram
+    return f"[pad ; {' ; '.join(tokens)} ; prompt ; patches], patches last"
 
 
 def _recorder(rows: list[dict], stage: str, label: str, note: str) -> Callable:
