@@ -11,6 +11,7 @@ import yaml
 from process_helpers import kill_tree, start, timellm, train_events_since, wait_until
 
 from timellm_lib import cli
+from timellm_lib.config import load_config
 from timellm_lib.notebooks import study
 from timellm_lib.notebooks.describe import describe_checkpoint
 from timellm_lib.training.checkpoint import step_files
@@ -202,3 +203,17 @@ def test_committed_plans_resolve(repo_root, monkeypatch):
                 assert cfg.data.path == "data/ETT-small/ETTh1.csv" and cfg.data.pred_len == 96
                 published = row.name in {"dlinear_336", "dlinear_512", "timellm_minilm"}
                 assert ("mse" in row.published) == published, row.name
+
+
+def test_cost_of_a_step_counts_the_series_the_trainer_draws(tmp_path, repo_root, monkeypatch):
+    """With channel samples, data.batch_size counts single-channel series: 7 of them cost what
+    one window of 7 channels costs (Time-LLM is channel-independent; prompt lengths differ a
+    little with the series), not 7 windows."""
+    monkeypatch.chdir(repo_root)
+    base = [f"data.path={tmp_path / 'smoke.csv'}"]
+    per_window = study.measure_cost(load_config("configs/smoke.yaml", [*base, "data.batch_size=1"]))
+    per_series = study.measure_cost(
+        load_config("configs/smoke.yaml", [*base, "data.sample_unit=channel", "data.batch_size=7"])
+    )
+    assert per_series["gflop_per_step"] == pytest.approx(per_window["gflop_per_step"], rel=0.05)
+    assert per_series["trainable_params"] == per_window["trainable_params"]

@@ -311,7 +311,7 @@ def measure_cost(cfg: Config) -> dict[str, Any]:
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    from timellm_lib.data import build_datasets
+    from timellm_lib.data import build_datasets, training_samples
     from timellm_lib.data.sampler import fetch_batch
     from timellm_lib.models import as_forecast, build_model
     from timellm_lib.notebooks.model_summary import parameter_table
@@ -323,7 +323,9 @@ def measure_cost(cfg: Config) -> dict[str, Any]:
         model.build_memory(datasets.train, torch.Generator().manual_seed(cfg.train.seed))
         model.train()
         total = parameter_table(model).iloc[-1]
-        x, y = fetch_batch(datasets.train, torch.arange(cfg.data.batch_size))
+        # a micro-batch as the trainer draws it: batch_size windows, or series (sample_unit)
+        samples = training_samples(datasets.train, cfg.data.sample_unit)
+        x, y = fetch_batch(samples, torch.arange(cfg.data.batch_size))
         with FlopCounterMode(display=False) as counter:
             out = as_forecast(model(x, y))
             loss = F.mse_loss(out.pred.float(), y) + sum(out.aux_losses.values())
