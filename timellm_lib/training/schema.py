@@ -143,8 +143,9 @@ INFERENCE_FIELDS = (FORMAT, MODEL, CONFIG, BACKBONE, DATA, CHECKSUM)
 RESUME_FIELDS = (*RESUME_SECTIONS, FORMAT, CONFIG, BACKBONE, TRAIN_STEPS, METRICS_LINES, CHECKSUM)
 
 
-class StepCheckpoint(TypedDict):
-    """A step (or final) checkpoint: everything a bit-identical resume needs."""
+class _Checkpoint(TypedDict):
+    """The fields every checkpoint kind has: position, weights, EarlyStopping and what
+    inference needs."""
 
     format_version: int
     kind: str
@@ -153,38 +154,31 @@ class StepCheckpoint(TypedDict):
     step_in_epoch: int
     train_steps: int
     model: dict[str, torch.Tensor]
+    early_stopping: dict[str, Any]
+    config: dict[str, Any]
+    backbone: dict[str, Any] | None
+    data: dict[str, Any] | None
+    lr: float
+
+
+class BestCheckpoint(_Checkpoint):
+    """best.pt: the EarlyStopping best weights for inference, no optimizer state."""
+
+    resume_from: str
+
+
+class StepCheckpoint(_Checkpoint):
+    """A step (or final) checkpoint: everything a bit-identical resume needs."""
+
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     scaler: dict[str, Any] | None
     ema: dict[str, Any] | None
-    early_stopping: dict[str, Any]
     rng: dict[str, Any]
     sampler: dict[str, int]
     world_size: int
     rng_other_ranks: list[dict[str, Any]]
-    config: dict[str, Any]
-    backbone: dict[str, Any] | None
-    data: dict[str, Any] | None
     metrics_lines: int
-    lr: float
-
-
-class BestCheckpoint(TypedDict):
-    """best.pt: the EarlyStopping best weights for inference, no optimizer state."""
-
-    format_version: int
-    kind: str
-    global_step: int
-    epoch: int
-    step_in_epoch: int
-    train_steps: int
-    model: dict[str, torch.Tensor]
-    early_stopping: dict[str, Any]
-    config: dict[str, Any]
-    backbone: dict[str, Any] | None
-    data: dict[str, Any] | None
-    lr: float
-    resume_from: str
 
 
 def problem_with(key: str, value: Any) -> str | None:
