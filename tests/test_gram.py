@@ -14,7 +14,7 @@ from timellm_lib.models.gram import (
     query_positions_for,
     window_statistics,
 )
-from timellm_lib.models.params import ModelParams
+from timellm_lib.models.params import model_params
 
 D_MODEL, LLM_DIM = 16, 24
 MEMORY_BUFFERS = (
@@ -370,9 +370,9 @@ def test_same_seed_gives_same_outputs() -> None:
 
 def test_from_config_uses_model_settings() -> None:
     cfg = Config()
-    cfg.data.seq_len, cfg.data.pred_len = 64, 16
+    cfg.model.use_gram, cfg.data.seq_len, cfg.data.pred_len = True, 64, 16
     cfg.model.d_repr, cfg.model.top_k, cfg.model.max_memory_size = 32, 3, 100
-    gram = GRAM.from_params(ModelParams.from_config(cfg), llm_dim=20)
+    gram = GRAM.from_params(model_params(cfg).gram, llm_dim=20)
     r = gram.retriever
     assert r.memory_keys.shape == (100, 32) and r.memory_windows.shape == (100, 64) and r.top_k == 3
     assert isinstance(r, PVDR)

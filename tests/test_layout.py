@@ -75,15 +75,35 @@ def test_package_top_level_holds_only_the_base_modules() -> None:
 
 
 def test_no_model_reads_the_run_config() -> None:
-    """Models are built from ModelParams; only models/params.py (which builds them) and
-    build_model see the run Config."""
+    """Models are built from their own params; only models/params.py (which builds them) and
+    build_model see the run Config or its model section."""
     builders = {"params.py", "__init__.py"}
+    config_types = {"timellm_lib.config.Config", "timellm_lib.config.ModelConfig"}
     readers = [
         path.name
         for path in sorted((PACKAGE / "models").glob("*.py"))
-        if path.name not in builders and "timellm_lib.config.Config" in imported_modules_full(path)
+        if path.name not in builders and config_types & set(imported_modules_full(path))
     ]
     assert readers == []
+
+
+def test_model_params_hold_plain_values_not_config_sections() -> None:
+    """Each family's params name only what it uses: no field holds a config section."""
+    import dataclasses
+    import typing
+
+    from timellm_lib.models import params
+
+    records = [
+        obj
+        for obj in vars(params).values()
+        if dataclasses.is_dataclass(obj) and obj.__module__ == params.__name__
+    ]
+    assert len(records) >= 5
+    for record in records:
+        assert record.__dataclass_params__.frozen, record.__name__
+        for name, kind in typing.get_type_hints(record).items():
+            assert "Config" not in str(kind), f"{record.__name__}.{name}: {kind}"
 
 
 def imported_modules_full(path: Path) -> list[str]:

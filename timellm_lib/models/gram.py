@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from timellm_lib.models.params import ModelParams
+from timellm_lib.models.params import GRAMParams
 
 N_STATS = 6  # mean, std, min, max, last, slope
 _MASKED = -1e4  # additive logit for masked items: exp() underflows to 0, no inf arithmetic
@@ -637,17 +637,16 @@ class GRAM(nn.Module):
         self.akg = AdaptiveKnowledgeGate(d_model, pred_len, llm_dim, n_heads)
 
     @classmethod
-    def from_params(cls, hp: ModelParams, llm_dim: int) -> GRAM:
-        m = hp.model
+    def from_params(cls, hp: GRAMParams, llm_dim: int) -> GRAM:
         return cls(
-            seq_len=hp.window.seq_len,
-            pred_len=hp.window.pred_len,
-            d_model=m.d_model,
+            seq_len=hp.seq_len,
+            pred_len=hp.pred_len,
+            d_model=hp.d_model,
             llm_dim=llm_dim,
-            d_repr=m.d_repr,
-            top_k=m.top_k,
-            max_memory_size=m.max_memory_size,
-            n_heads=m.n_heads,
+            d_repr=hp.d_repr,
+            top_k=hp.top_k,
+            max_memory_size=hp.max_memory_size,
+            n_heads=hp.n_heads,
         )
 
     def build_memory(
