@@ -193,7 +193,8 @@ class EnhancedTimeLLM(TimeLLM):
             forecast.aux_losses["tapr"] = total
             diagnostics.update(_detached(parts) | info)
             diagnostics["tapr_adjustment_abs_mean"] = trend.adjustment.detach().abs().mean()
-            diagnostics["tapr_fusion_active"] = float(self.fusion_active)  # a python bool
+            active = float(self.fusion_active)  # a python bool; the tensor keeps logging uniform
+            diagnostics["tapr_fusion_active"] = trend.adjustment.new_full((), active)
         if retrieved is not None:
             total, parts, info = GRAM.loss(retrieved, self.gram_hp.lambda_retrieval)
             forecast.aux_losses["gram"] = total
