@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from timellm_lib.config import Config
 from timellm_lib.data.windows import DataError
-from timellm_lib.models import as_forecast, build_model
+from timellm_lib.models import TrainableModel, as_forecast, build_model
 from timellm_lib.models.enhanced import EnhancedTimeLLM
 from timellm_lib.models.tapr import class_frequencies, quantile_thresholds, training_changes
 from timellm_lib.models.timellm import TimeLLM
@@ -106,9 +106,10 @@ def trace_model(model: nn.Module, x: Tensor) -> list[dict]:
         for handle in handles:
             handle.remove()
     rows.append(_row("Output", "", out.pred, "forecast"))
-    speed_paths = getattr(model, "speed_paths", None)
-    if callable(speed_paths):  # which exact speed switches this model really uses, and why not
-        rows[-1]["speed_paths"] = speed_paths()
+    # which exact speed switches the model really uses, and why not
+    paths = model.speed_paths() if isinstance(model, TrainableModel) else {}
+    if paths:
+        rows[-1]["speed_paths"] = paths
     return rows
 
 
