@@ -32,7 +32,7 @@ def trace_shapes(cfg: Config, batch_size: int = 32, n_channels: int | None = Non
     (:func:`trend_classes`).
     """
     n_channels = 7 if n_channels is None else n_channels
-    features = cfg.data.features
+    features = cfg.data.model_features
     n_in = 1 if features == "S" else n_channels
     n_out = n_channels if features == "M" else 1
     with torch.random.fork_rng(devices=[]):
