@@ -16,8 +16,14 @@ from trainer_helpers import REPO_ROOT, cli, tiny_config
 
 from timellm_lib.config import Config, ConfigError, load_config
 from timellm_lib.data import build_datasets
+from timellm_lib.data.sampler import Shard
 from timellm_lib.evaluation.inference import evaluate_checkpoint
-from timellm_lib.evaluation.metrics import evaluate, published_test_batch
+from timellm_lib.evaluation.metrics import (
+    SeriesErrors,
+    evaluate,
+    forecasts,
+    published_test_batch,
+)
 from timellm_lib.models import ModelParams, Window, build_model
 from timellm_lib.models.layers import RevIN
 from timellm_lib.models.prompt import prompt_head, prompt_statistics, prompt_tails
@@ -232,3 +238,31 @@ def test_resume_refuses_a_changed_prompt_lags(tmp_path):
     changed = tiny_config(tmp_path, "model.prompt_lags=published")
     with pytest.raises(CheckpointError, match="model.prompt_lags"):
         train(changed, run_dir=tmp_path / "run", resume="auto", progress=False)
+
+
+def test_published_metric_of_shards_equals_the_whole_split(tmp_path):
+    """A distributed test: each rank scores its contiguous shard and places its errors at
+    their window positions; the element-wise sum over ranks is the whole split's."""
+    cfg = tiny_config(tmp_path, "data.sample_unit=channel", "data.test_metric=published")
+    datasets = build_datasets(cfg.data)
+    torch.manual_seed(0)
+    model = build_model(cfg, datasets.n_in, datasets.n_out)
+    batch = published_test_batch(cfg.data, datasets.n_out)
+    whole = evaluate(model, datasets.test, 64, published_batch=batch)
+    placed = []
+    for rank in range(2):
+        errors = SeriesErrors()
+        for pred, y in forecasts(model, Shard(datasets.test, rank, 2), 64):
+            errors.add(pred, y)
+        errors.combine(lambda a: a, Shard(datasets.test, rank, 2).start, len(datasets.test))
+        placed.append(errors)
+    merged = SeriesErrors()
+    merged.sse = [placed[0].sse[0] + placed[1].sse[0]]
+    merged.sae = [placed[0].sae[0] + placed[1].sae[0]]
+    merged.horizon = placed[0].horizon
+    got = merged.published(batch)
+    assert (got["mse"], got["mae"]) == pytest.approx((whole["mse"], whole["mae"]), rel=1e-12)
+    assert {k: v for k, v in got.items() if k not in ("mse", "mae")} == {
+        k: v for k, v in whole.items() if k not in ("mse", "mae")
+    }
+    assert whole["n_series_dropped"] == len(datasets.test) * datasets.n_out % batch
