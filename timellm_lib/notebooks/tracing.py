@@ -209,6 +209,9 @@ def _prompt_note(model: TimeLLM) -> str:
             f"per-series prompt tokens, left-padded; the shared head ({n_head} tokens) "
             "runs once per batch into a key/value cache"
         )
+    if model.hp.model.prompt_padding == "published":
+        side = model.prompt_tokenizer.own_padding_side
+        return f"prompt tokens padded on the {side} as published, pads attended (no mask)"
     return "left-padded prompt tokens, word embeddings"
 
 
