@@ -32,4 +32,4 @@ class ModelParams:
     @classmethod
     def from_config(cls, cfg: Config) -> ModelParams:
         d = cfg.data
-        return cls(cfg.model, Window(d.seq_len, d.label_len, d.pred_len, d.features))
+        return cls(cfg.model, Window(d.seq_len, d.label_len, d.pred_len, d.model_features))

@@ -32,7 +32,7 @@ def trace_shapes(cfg: Config, batch_size: int = 32, n_channels: int | None = Non
     (:func:`trend_classes`).
     """
     n_channels = 7 if n_channels is None else n_channels
-    features = cfg.data.features
+    features = cfg.data.model_features
     n_in = 1 if features == "S" else n_channels
     n_out = n_channels if features == "M" else 1
     with torch.random.fork_rng(devices=[]):
@@ -209,6 +209,9 @@ def _prompt_note(model: TimeLLM) -> str:
             f"per-series prompt tokens, left-padded; the shared head ({n_head} tokens) "
             "runs once per batch into a key/value cache"
         )
+    if model.hp.model.prompt_padding == "published":
+        side = model.prompt_tokenizer.own_padding_side
+        return f"prompt tokens padded on the {side} as published, pads attended (no mask)"
     return "left-padded prompt tokens, word embeddings"
 
 
