@@ -54,6 +54,7 @@ import yaml
 
 from timellm_lib.config import Config, load_config
 from timellm_lib.errors import WorkbenchError
+from timellm_lib.training.faults import StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +185,8 @@ def run_study(
     command: str = "",
 ) -> dict[str, Any]:
     """Train (or reuse, or resume) every run of the rows named in ``only`` (default all),
-    then write and return the results. Stops after a run that was interrupted (SIGTERM,
-    Ctrl-C): starting the study again continues it. A run that fails with a WorkbenchError
+    then write and return the results. SIGTERM or Ctrl-C stops the study after the current
+    run (interrupted with a checkpoint): starting the study again continues it. A run that fails with a WorkbenchError
     is recorded with its message and the others go on."""
     from timellm_lib.training import train
 
@@ -198,22 +199,26 @@ def run_study(
     selected = [r for r in plan.rows if not only or r.name in only]
     todo = [(row, seed) for row in selected for seed in row.seeds]
     errors: dict[tuple[str, int], str] = {}
-    for i, (row, seed) in enumerate(todo):
-        directory = run_dir(out, row, seed)
-        print(f"[{i + 1}/{len(todo)}] {row.name} seed {seed}: {directory}", flush=True)
-        resume = "auto" if (directory / "checkpoints").is_dir() else None
-        try:
-            result = train(row.configs[seed], run_dir=directory, resume=resume, progress=progress)
-        except WorkbenchError as err:
-            errors[(row.name, seed)] = str(err)
-            print(f"  failed: {err}", flush=True)
-            continue
-        print(f"  {result.summary()}", flush=True)
-        if result.finished:
-            row_cost(out, row)
-        write_results(plan, out, command, errors)
-        if result.status == "interrupted":
-            break
+    with StopSignals("the study stops after the current run") as stop:
+        for i, (row, seed) in enumerate(todo):
+            if stop.received:  # also when the interrupted run then failed (e.g. its save)
+                break
+            directory = run_dir(out, row, seed)
+            print(f"[{i + 1}/{len(todo)}] {row.name} seed {seed}: {directory}", flush=True)
+            resume = "auto" if (directory / "checkpoints").is_dir() else None
+            try:
+                cfg = row.configs[seed]
+                result = train(cfg, run_dir=directory, resume=resume, progress=progress)
+            except WorkbenchError as err:
+                errors[(row.name, seed)] = str(err)
+                print(f"  failed: {err}", flush=True)
+                continue
+            print(f"  {result.summary()}", flush=True)
+            if result.finished:
+                row_cost(out, row)
+            write_results(plan, out, command, errors)
+            if result.status == "interrupted":
+                break
     return write_results(plan, out, command, errors)
 
 
