@@ -45,6 +45,7 @@ import logging
 import os
 import platform
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ import yaml
 
 from timellm_lib.config import Config, load_config
 from timellm_lib.errors import WorkbenchError
+from timellm_lib.files import write_text_atomic
 from timellm_lib.training.faults import StopSignals
 
 log = logging.getLogger(__name__)
@@ -408,6 +410,33 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def code_version() -> str | None:
+    """The git commit of the timellm_lib checkout that ran (``-dirty`` when it had uncommitted
+    changes); None for an installed copy outside a git checkout."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "pyproject.toml").is_file():
+        return None
+    try:
+        done = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(root),
+                "describe",
+                "--always",
+                "--dirty",
+                "--abbrev=12",
+                "--exclude=*",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
 def write_results(
     plan: Plan, out: Path, command: str, errors: dict[tuple[str, int], str] | None = None
 ) -> dict[str, Any]:
@@ -424,12 +453,13 @@ def write_results(
         "plan": str(plan.path),
         "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "code": code_version(),
         "machine": machine_info(),
         "rows": rows,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown_table(results))
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out / "results.md", markdown_table(results))
     return results
 
 
@@ -454,6 +484,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         "",
         f"Command: `{results['command']}`  ",
         f"Date: {results['date']}  ",
+        f"Code: {results.get('code') or 'not a git checkout'}  ",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, "
         f"torch {m['torch']}, transformers {m['transformers']}"
         + (f", GPU {m['gpu']}" if m.get("gpu") else ""),
