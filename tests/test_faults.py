@@ -35,6 +35,7 @@ from timellm_lib.training.checkpoint import (
     step_files,
     step_name,
 )
+from timellm_lib.training.faults import StopSignals
 from timellm_lib.training.lock import LOCK_NAME, RunLock, RunLockedError
 from timellm_lib.training.metrics_log import read_metrics
 
@@ -368,3 +369,21 @@ def test_a_failed_write_outside_checkpoints_ends_the_call_with_the_fix_and_frees
     (run / "config.yaml").rmdir()
     result = train(tiny_config(tmp_path), run_dir=run, resume="auto", max_steps=1, progress=False)
     assert result.global_step == 1
+
+
+def test_a_signal_inside_nested_stop_blocks_reaches_the_enclosing_one_too():
+    """A study holds StopSignals around its runs and each run holds its own: a SIGTERM during
+    a run must stop the study as well, even when that run then fails instead of reporting
+    the interrupt (its checkpoint save hit a full disk)."""
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals("the study stops after the current run") as study:
+        with StopSignals() as run:
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while run.received is None and time.monotonic() < deadline:
+                time.sleep(0.01)  # the handler runs between bytecodes of the main thread
+        assert run.received == "SIGTERM"
+        assert study.received == "SIGTERM"
+        with StopSignals() as later:  # a later run starts with no request of its own
+            assert later.received is None
+    assert signal.getsignal(signal.SIGTERM) == before

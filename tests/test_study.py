@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -179,6 +180,11 @@ def test_study_killed_mid_run_finishes_with_the_uninterrupted_numbers(tmp_path, 
     assert llm["trainable_params"] < llm["total_params"] and llm["gflop_per_step"] > 0
     assert llm["s_per_step_mean"] > 0 and llm["wall_s_to_best_mean"] > 0
     assert b["machine"]["cores"] >= 1 and b["command"].startswith("timellm study ")
+    head = subprocess.run(
+        ["git", "-C", str(repo_root), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    assert b["code"] and head.stdout.startswith(b["code"].removesuffix("-dirty"))
+    assert f"Code: {b['code']}" in (killed / "results.md").read_text()
     assert b["rows"][0]["runs"][0]["run_dir"] == "runs/dlinear/seed1"
     assert "| llm | 1 |" in (killed / "results.md").read_text()
 

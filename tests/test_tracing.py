@@ -42,7 +42,7 @@ def test_etth1_protocol_trace_rows():
     assert shapes["LLM Input"] == shapes["LLM Output"] == [14, prompt + 64, llm_dim]
     assert shapes["LLM Features"] == [14, 64, 128]
     assert shapes["Output"] == [2, 96, 7]
-    assert all(set(row) == {"stage", "module", "shape", "note"} for row in rows[:-1])
+    assert all(set(row) == {"stage", "module", "shape", "spread", "note"} for row in rows[:-1])
     # the output row also says which exact speed switches the run really uses
     assert rows[-1]["speed_paths"] == {
         "model.prefix_cache": "on",
@@ -90,3 +90,50 @@ def test_trace_model_records_every_call_of_registered_stages_and_removes_its_hoo
     assert rows[1]["module"] == "expand (Linear)"
     assert model.training  # mode restored
     assert not model.expand._forward_hooks and not model.tap._forward_hooks
+
+
+def test_series_spread_is_zero_for_a_stage_that_ignores_its_input_and_about_one_for_noise():
+    from timellm_lib.notebooks.tracing import series_spread
+
+    torch.manual_seed(0)
+    noise = torch.randn(64, 10, 3)
+    assert 0.9 < series_spread(noise) < 1.1
+    same = torch.randn(1, 10, 3).expand(64, -1, -1)
+    assert series_spread(same) == 0.0
+    assert series_spread(same + 1e-3 * noise) < 1e-2
+    assert series_spread(torch.zeros(4, 3)) is None  # undefined, not "no spread"
+    assert series_spread(torch.ones(1, 3)) is None  # a single series
+    assert series_spread(torch.ones(4, 3, dtype=torch.long)) is None  # token ids
+
+
+def test_every_trace_row_has_its_spread_and_the_table_shows_it():
+    rows = trace_shapes(etth1_protocol(), batch_size=4)
+    spreads = {row["stage"]: row["spread"] for row in rows}
+    assert 0.9 < spreads["Input"] < 1.1  # independent random series
+    assert spreads["Text Prototypes"] is not None  # the 1,000 prototypes differ from each other
+    assert all(isinstance(s, float) for s in spreads.values())
+    assert "spread" in format_trace(rows).splitlines()[0]
+
+
+def test_trace_of_a_checkpoint_uses_its_trained_weights_on_real_windows(tmp_path):
+    """`timellm trace --checkpoint` traces the trained model on evenly spaced windows of a
+    split: its rows equal trace_model on those windows and the loaded weights."""
+    from trainer_helpers import tiny_config
+
+    from timellm_lib.cli import main
+    from timellm_lib.evaluation.inference import load_for_inference
+    from timellm_lib.notebooks.tracing import trace_checkpoint
+    from timellm_lib.training import train
+
+    cfg = tiny_config(tmp_path, "train.epochs=1")
+    train(cfg, run_dir=tmp_path / "run", progress=False)
+    best = tmp_path / "run/checkpoints/best.pt"
+    rows = trace_checkpoint(best, batch_size=5, split="test")
+    loaded = load_for_inference(best)
+    test = loaded.datasets.split("test")
+    x, _ = test.get_batch(torch.linspace(0, len(test) - 1, 5).long())
+    assert rows == trace_model(loaded.model, x)
+    assert rows[0]["shape"][0] == 5
+
+    assert main(["trace", "--checkpoint", str(best), "--batch-size", "5", "--split", "test"]) == 0
+    assert main(["trace", "--checkpoint", str(best), "--set", "train.lr=1"]) == 2

@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     p = sub.add_parser("trace", help="stage-by-stage tensor shapes of the model")
     _add_config_args(p)
+    p.add_argument(
+        "--checkpoint",
+        help="trace this checkpoint's trained model on real windows of --split, with the "
+        "checkpoint's own config",
+    )
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true")
     return parser
@@ -247,10 +253,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    from timellm_lib.notebooks.tracing import format_trace, trace_shapes
+    from timellm_lib.notebooks.tracing import format_trace, trace_checkpoint, trace_shapes
 
-    cfg = load_config(args.config, args.overrides)
-    rows = trace_shapes(cfg, batch_size=args.batch_size)
+    if args.checkpoint:
+        if args.config or args.overrides:
+            raise WorkbenchError(
+                "--checkpoint traces the model with the config stored in the checkpoint; "
+                "drop --config/--set, or trace a config without --checkpoint"
+            )
+        rows = trace_checkpoint(args.checkpoint, args.batch_size, args.split)
+    else:
+        rows = trace_shapes(load_config(args.config, args.overrides), batch_size=args.batch_size)
     print(json.dumps(rows, indent=2) if args.json else format_trace(rows))
     return 0
 

@@ -35,6 +35,10 @@ class DataConfig:
         "h"  # ETTh* (hourly) or ETTm* (15 minutes): split borders, dates of forecasts
     )
     features: Literal["M", "S", "MS"] = "M"  # M: all->all, S: target->target, MS: all->target
+    # MS as what: target, the target forecast from all channels (a learned channel mix);
+    # published, as the published ETT loader runs it: one channel a sample, every channel
+    # trained and scored, i.e. features M (with sample_unit channel exactly the published run)
+    ms_mode: Literal["target", "published"] = "target"
     target: str = "OT"
     date_column: str = "date"
     seq_len: int = 512
@@ -54,7 +58,16 @@ class DataConfig:
     # train.seed); the test split is always scored whole
     val_subset: int = 0
     val_subset_seed: int = 0
+    # test scores: every_window, each window once; published, the published test loader's
+    # mean of batch means: series in channel-major order, batches of the series of one
+    # training batch, the last incomplete batch dropped (eval JSON: n_series_dropped)
+    test_metric: Literal["every_window", "published"] = "every_window"
     num_workers: int = 0
+
+    @property
+    def model_features(self) -> str:
+        """The features the data and model run: MS with ``ms_mode = published`` runs as M."""
+        return "M" if self.features == "MS" and self.ms_mode == "published" else self.features
 
 
 @dataclass
@@ -74,6 +87,13 @@ class ModelConfig:
         "electric power long-term deployment."
     )
     top_k_lags: int = 5
+    # distinct: the top lags among 1..L/2 (lag 0 and the mirrored lags L-k excluded);
+    # published: top-k over every index of the circular autocorrelation, lag 0 and mirrors in
+    prompt_lags: Literal["distinct", "published"] = "distinct"
+    # masked: prompts padded on the left, padding masked, patches last in every row;
+    # published: the tokenizer's own padding side and pad token (eos when it has one), no
+    # attention mask, so pad tokens are attended (the shared-prefix cache is then off)
+    prompt_padding: Literal["masked", "published"] = "masked"
     prompt_format: Literal["compact", "published"] = "compact"  # compact rounds statistics
     prompt_precision: int = 3  # significant digits of prompt statistics (compact format)
     backbone_dropout: bool = False  # the published code leaves dropout active in the frozen LM
@@ -427,9 +447,12 @@ def _check_combinations(cfg: Config) -> None:
     """Settings that contradict each other, and names that must stay plain."""
     d, m = cfg.data, cfg.model
     _need(
-        d.sample_unit == "window" or d.features != "MS",
-        "data.sample_unit = channel makes every sample one channel, but features MS forecasts "
-        "the target from all channels of a window; use data.sample_unit=window or features M",
+        d.sample_unit == "window" or d.model_features != "MS",
+        "data.sample_unit = channel makes every sample one channel, but features MS with "
+        "data.ms_mode = target forecasts the target from all channels of a window; use "
+        "data.sample_unit=window, or data.ms_mode=published (MS as the published ETT loader "
+        "runs it: every channel trained and scored as with features M; with "
+        "sample_unit=channel that is exactly the published run)",
     )
     _need(
         abs(sum(d.split) - 1.0) < 1e-6 and all(s > 0 for s in d.split),

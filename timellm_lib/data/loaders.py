@@ -86,8 +86,9 @@ def build_datasets(cfg: DataConfig) -> Datasets:
     # channels into the target (features MS) finds it at index -1, and for M the i-th output
     # channel is the i-th input channel.
     ordered = [c for c in columns if c != cfg.target] + [cfg.target]
-    columns_in = [cfg.target] if cfg.features == "S" else ordered
-    columns_out = ordered if cfg.features == "M" else [cfg.target]
+    features = cfg.model_features  # MS with ms_mode published runs as M
+    columns_in = [cfg.target] if features == "S" else ordered
+    columns_out = ordered if features == "M" else [cfg.target]
 
     used = list(dict.fromkeys(columns_in + columns_out))
     values = frame[used].to_numpy(np.float64)
@@ -117,7 +118,7 @@ def build_datasets(cfg: DataConfig) -> Datasets:
         columns_out=columns_out,
         scaler=scaler,
         target=cfg.target,
-        features=cfg.features,
+        features=features,
         freq=cfg.freq,
     )
 

@@ -40,7 +40,12 @@ from timellm_lib.data import Datasets, Scaler, build_datasets, read_series
 from timellm_lib.data.loaders import scale_to_float32
 from timellm_lib.data.windows import DataError
 from timellm_lib.errors import WorkbenchError
-from timellm_lib.evaluation.metrics import evaluate_report, forecasts, predict
+from timellm_lib.evaluation.metrics import (
+    evaluate_report,
+    forecasts,
+    predict,
+    published_test_batch,
+)
 from timellm_lib.files import atomic_file, write_text_atomic
 from timellm_lib.models import build_model
 from timellm_lib.models.backbones import BackboneError
@@ -227,17 +232,21 @@ def evaluate_loaded(
     :func:`eval_file_name` names it.
 
     ``batch_size`` (default ``data.eval_batch_size``) changes only the speed: scores are
-    weighted by window.
+    weighted by window, or on the test split with ``data.test_metric = published`` taken
+    over the series the published test loader keeps (``n_series_dropped`` says how many
+    it drops).
     """
     _check_split(split)
+    cfg = loaded.cfg
     report = evaluate_report(
         loaded.model,
         loaded.datasets.split(split),
         loaded.datasets.scaler,
         loaded.channels,
-        batch_size or loaded.cfg.data.eval_batch_size,
+        batch_size or cfg.data.eval_batch_size,
         loaded.device,
         loaded.amp_dtype,
+        published_test_batch(cfg.data, len(loaded.channels)) if split == "test" else 0,
     )
     result = {
         "split": split,

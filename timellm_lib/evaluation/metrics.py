@@ -27,7 +27,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from timellm_lib.data.sampler import Windows, eval_batches
+from timellm_lib.config import DataConfig
+from timellm_lib.data.sampler import Shard, Windows, eval_batches
 from timellm_lib.models.output import as_forecast
 
 
@@ -88,6 +89,66 @@ class ErrorTotals:
         return sse.sum(0) / values, sae.sum(0) / values
 
 
+class SeriesErrors:
+    """Squared and absolute errors summed over the horizon per (window, output channel), in
+    window order: the published test metric (``data.test_metric = published``) drops series,
+    so it needs each series' errors, not only their totals."""
+
+    def __init__(self) -> None:
+        self.sse: list[np.ndarray] = []  # [B, C] per batch
+        self.sae: list[np.ndarray] = []
+        self.horizon = 0
+
+    def add(self, pred: Tensor, y: Tensor) -> None:
+        """Add a batch of forecasts and targets, both [B, H, C]."""
+        err = pred.detach().double() - y.detach().double()
+        self.sse.append(err.square().sum(1).cpu().numpy())
+        self.sae.append(err.abs().sum(1).cpu().numpy())
+        self.horizon = err.shape[1]
+
+    def combine(self, all_sum: Callable[[np.ndarray], np.ndarray], start: int, total: int) -> None:
+        """Make these the errors of all ``total`` windows of a distributed run, this process
+        having scored the contiguous block from window ``start`` (see :class:`Shard`)."""
+        sse, sae = np.concatenate(self.sse), np.concatenate(self.sae)
+        full = np.zeros((2, total, sse.shape[1]))
+        full[0, start : start + len(sse)], full[1, start : start + len(sae)] = sse, sae
+        full = all_sum(full.ravel()).reshape(full.shape)
+        self.sse, self.sae = [full[0]], [full[1]]
+
+    def published(self, series_per_batch: int) -> dict[str, float | int]:
+        """The published test loader's score: series (a channel of a window) in
+        channel-major order (every window of channel 0, then of channel 1, ...), batches of
+        ``series_per_batch``, the last incomplete batch dropped, the mean of the batch means
+        (all batches equal in size: the mean over the kept series)."""
+        sse, sae = np.concatenate(self.sse).T.ravel(), np.concatenate(self.sae).T.ravel()
+        kept = len(sse) // series_per_batch * series_per_batch
+        if kept == 0:
+            raise ValueError(
+                f"data.test_metric = published drops every series: {len(sse)} series are fewer "
+                f"than one batch of {series_per_batch}; lower data.batch_size or use "
+                "data.test_metric=every_window"
+            )
+        values = kept * self.horizon
+        return {
+            "mse": float(sse[:kept].sum()) / values,
+            "mae": float(sae[:kept].sum()) / values,
+            "n_windows": int(sum(len(a) for a in self.sae)),
+            "n_series": int(len(sse)),
+            "n_series_dropped": int(len(sse) - kept),
+            "test_metric": "published",
+        }
+
+
+def published_test_batch(data: DataConfig, n_out: int) -> int:
+    """Series in one batch of the published test metric, 0 when ``data.test_metric`` is
+    ``every_window``: those of one training batch, ``data.batch_size`` with ``sample_unit =
+    channel`` (the published 8 x 24 = 192), else ``batch_size`` windows of ``n_out``
+    channels."""
+    if data.test_metric != "published":
+        return 0
+    return data.batch_size * (1 if data.sample_unit == "channel" else n_out)
+
+
 def autocast(device: torch.device | str, dtype: torch.dtype | None) -> AbstractContextManager:
     """Mixed precision for a forward pass (``dtype`` None: full precision)."""
     if dtype is None:
@@ -139,15 +200,28 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     all_sum: Callable[[np.ndarray], np.ndarray] | None = None,
     progress: str | None = None,
+    published_batch: int = 0,
 ) -> dict[str, float | int]:
     """Window-weighted ``mse``, ``mae`` and ``n_windows`` of ``model`` on ``dataset``
     (scaled space; what the trainer validates with).
+
+    ``published_batch`` B > 0: the published test metric instead (see
+    :meth:`SeriesErrors.published`), with ``n_series`` and ``n_series_dropped``.
 
     ``amp_dtype`` is the autocast precision of the forward (the training one), if any.
     ``all_sum`` (distributed runs): ``dataset`` is this process's shard, and the totals are
     summed over all processes before the metrics are taken (see :meth:`ErrorTotals.combine`).
     ``progress``: the label of a progress bar over the windows (None: no bar).
     """
+    if published_batch:
+        series = SeriesErrors()
+        for pred, y in forecasts(model, dataset, batch_size, device, amp_dtype, progress):
+            series.add(pred, y)
+        if all_sum is not None:
+            whole = dataset.dataset if isinstance(dataset, Shard) else dataset
+            start = dataset.start if isinstance(dataset, Shard) else 0
+            series.combine(all_sum, start, len(whole))
+        return series.published(published_batch)
     totals = ErrorTotals()
     for pred, y in forecasts(model, dataset, batch_size, device, amp_dtype, progress):
         totals.add(pred, y)
@@ -164,6 +238,7 @@ def evaluate_report(
     batch_size: int,
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
+    published_batch: int = 0,
 ) -> dict[str, Any]:
     """Scores in the scaled and the original space, overall, per horizon step and per channel.
 
@@ -172,16 +247,27 @@ def evaluate_report(
     ``mae_original``, ``n_windows``, ``per_horizon`` (a list of ``{step, mse, mae,
     mse_original, mae_original}``, step 1 first) and ``per_channel`` (``{name: {mse, mae,
     mse_original, mae_original}}``).
+
+    ``published_batch`` B > 0 (``data.test_metric = published``): the overall scores of both
+    spaces are the published test metric (:meth:`SeriesErrors.published`), with
+    ``n_series``, ``n_series_dropped`` and ``test_metric``; per step and per channel stay
+    over every window.
     """
     scaled, original = ErrorTotals(), ErrorTotals()
+    series, series_original = SeriesErrors(), SeriesErrors()
     for pred, y in forecasts(model, dataset, batch_size, device, amp_dtype):
+        pred_original = scaler.inverse_transform(pred.double(), channels)
+        y_original = scaler.inverse_transform(y.double(), channels)
         scaled.add(pred, y)
-        original.add(
-            scaler.inverse_transform(pred.double(), channels),
-            scaler.inverse_transform(y.double(), channels),
-        )
+        original.add(pred_original, y_original)
+        if published_batch:
+            series.add(pred, y)
+            series_original.add(pred_original, y_original)
     overall = scaled.metrics()
     overall_original = original.metrics()
+    if published_batch:
+        overall = series.published(published_batch)
+        overall_original = series_original.published(published_batch)
     horizon = (*scaled.per_horizon(), *original.per_horizon())
     channel = (*scaled.per_channel(), *original.per_channel())
     names = ("mse", "mae", "mse_original", "mae_original")
@@ -191,6 +277,7 @@ def evaluate_report(
         "mse_original": overall_original["mse"],
         "mae_original": overall_original["mae"],
         "n_windows": overall["n_windows"],
+        **{k: overall[k] for k in ("n_series", "n_series_dropped", "test_metric") if k in overall},
         "per_horizon": [
             {"step": h + 1, **{n: float(v[h]) for n, v in zip(names, horizon, strict=True)}}
             for h in range(len(horizon[0]))

@@ -69,6 +69,9 @@ class Backbone:
     last_layer: nn.Module | None = None
     # speed paths that a model of this kind should give but this one does not: path -> why
     unavailable: dict[str, str] = field(default_factory=dict)
+    # the tokenizer's own padding side before it was set to left (model.prompt_padding =
+    # published pads there, as the published code's tokenizer call does)
+    own_padding_side: str = "right"
 
     @property
     def word_embeddings(self) -> Tensor:
@@ -250,6 +253,7 @@ def _load_cached(name: str, llm_layers: int, dropout: bool) -> Backbone:
         model, tokenizer = _load_pretrained(name, llm_layers, label=name)
     model.requires_grad_(False)
     model.train(dropout)
+    own_padding_side = tokenizer.padding_side
     _prepare_tokenizer(tokenizer, name)
     config = model.config
     parameters = inspect.signature(model.forward).parameters
@@ -263,6 +267,7 @@ def _load_cached(name: str, llm_layers: int, dropout: bool) -> Backbone:
         fingerprint=_fingerprint(name, model),
         max_positions=getattr(config, "max_position_embeddings", None),
         takes_position_ids="position_ids" in parameters,
+        own_padding_side=own_padding_side,
     )
     if backbone.is_causal:
         _find_prefix_cache(backbone, [a for a in _CACHE_ARGUMENTS if a in parameters])

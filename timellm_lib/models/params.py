@@ -31,6 +31,10 @@ class PromptParams:
     seq_len: int
     pred_len: int
     top_k_lags: int
+    lags: Literal["distinct", "published"]  # published: lag 0 and mirrored lags take places
+    padding: Literal[
+        "masked", "published"
+    ]  # published: pads attended where the tokenizer puts them
     format: Literal["compact", "published"]
     precision: int  # significant digits of the compact format
 
@@ -146,10 +150,17 @@ def model_params(cfg: Config) -> ModelParams:
 def _timellm(cfg: Config) -> TimeLLMParams:
     m, d = cfg.model, cfg.data
     prompt = PromptParams(
-        m.description, d.seq_len, d.pred_len, m.top_k_lags, m.prompt_format, m.prompt_precision
+        description=m.description,
+        seq_len=d.seq_len,
+        pred_len=d.pred_len,
+        top_k_lags=m.top_k_lags,
+        lags=m.prompt_lags,
+        padding=m.prompt_padding,
+        format=m.prompt_format,
+        precision=m.prompt_precision,
     )
     return TimeLLMParams(
-        window=Window(d.seq_len, d.pred_len, d.features),
+        window=Window(d.seq_len, d.pred_len, d.model_features),
         prompt=prompt,
         backbone=m.backbone,
         llm_layers=m.llm_layers,

@@ -1,9 +1,10 @@
 """Prompt-as-prefix: per-series statistics of the input window, written into the text prompt.
 
 The statistics are computed for the whole batch with tensor operations; only the final
-string formatting loops over series. Two fixes over the published code: the lags exclude
-lag 0 (always the largest autocorrelation) and the mirrored circular lags L-k (equal to lag
-k), and the autocorrelation has the window's own length also when it is odd.
+string formatting loops over series. Two fixes over the published code (``model.prompt_lags
+= distinct``, the default; ``published`` restores its rule): the lags exclude lag 0 (always
+the largest autocorrelation) and the mirrored circular lags L-k (equal to lag k), and the
+autocorrelation has the window's own length also when it is odd.
 
 A prompt is a constant head (dataset and task, :func:`prompt_head`) and a per-series tail
 (the statistics, :func:`prompt_tails`). :class:`PromptTokenizer` tokenises the head once and
@@ -23,25 +24,35 @@ from timellm_lib.models.params import PromptParams
 
 
 @torch.no_grad()
-def prompt_statistics(x_norm: Tensor, top_k_lags: int = 5) -> dict[str, Tensor]:
+def prompt_statistics(
+    x_norm: Tensor, top_k_lags: int = 5, lags: str = "distinct"
+) -> dict[str, Tensor]:
     """Statistics of each row of ``x_norm`` [M, L] (the normalised series).
 
     Returns ``min``, ``max``, ``median`` (the lower middle value for even L, as
     ``torch.median``), ``trend`` (sum of first differences; > 0 means upward), each [M], and
-    ``lags`` [M, k] (long): the k = min(top_k_lags, L//2) lags in 1..L//2 with the largest
-    circular autocorrelation, largest first.
+    ``lags`` [M, k] (long), largest circular autocorrelation first. ``lags = distinct``: the
+    k = min(top_k_lags, L//2) lags in 1..L//2 of the autocorrelation of length L. ``lags =
+    published``: the published rule, top-k over every index of ``irfft`` of the power
+    spectrum at its default length (L, or L-1 for odd L), so lag 0 (always the largest) and
+    the mirrored lags L-k (equal to lag k) take places of their own.
     """
     length = x_norm.shape[-1]
     spectrum = torch.fft.rfft(x_norm, dim=-1)
-    autocorr = torch.fft.irfft(spectrum * spectrum.conj(), n=length, dim=-1)
-    k = min(top_k_lags, length // 2)
-    lags = autocorr[:, 1 : length // 2 + 1].topk(k, dim=-1).indices + 1
+    power = spectrum * spectrum.conj()
+    if lags == "published":
+        autocorr = torch.fft.irfft(power, dim=-1)
+        top = autocorr.topk(min(top_k_lags, autocorr.shape[-1]), dim=-1).indices
+    else:
+        autocorr = torch.fft.irfft(power, n=length, dim=-1)
+        k = min(top_k_lags, length // 2)
+        top = autocorr[:, 1 : length // 2 + 1].topk(k, dim=-1).indices + 1
     return {
         "min": x_norm.amin(dim=-1),
         "max": x_norm.amax(dim=-1),
         "median": x_norm.median(dim=-1).values,
         "trend": x_norm.diff(dim=-1).sum(dim=-1),
-        "lags": lags,
+        "lags": top,
     }
 
 
@@ -125,9 +136,12 @@ class PromptTokenizer:
     ``splits`` is False and every call tokenises the whole texts (an empty ``head``).
     """
 
-    def __init__(self, tokenizer: Any, head: str, sample_tail: str) -> None:
+    def __init__(
+        self, tokenizer: Any, head: str, sample_tail: str, own_padding_side: str = "right"
+    ) -> None:
         self.tokenizer = tokenizer
         self.head_text = head
+        self.own_padding_side = own_padding_side
 
         def plain(text: str) -> list[int]:
             return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -160,6 +174,23 @@ class PromptTokenizer:
         tail = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
         return PromptIds(self.head, tail, mask)
+
+    def unmasked(self, tails: list[str]) -> PromptIds:
+        """Ids of the prompts ``head + tail`` as the published code tokenises them
+        (``model.prompt_padding = published``): whole texts, ``padding=True`` on the
+        tokenizer's own side, with its eos as the pad token when it has one. It passes no
+        attention mask to the LLM, so the mask is all ones: pad tokens are attended, and with
+        right padding they sit between prompt and patches."""
+        tok = self.tokenizer
+        pad = tok.eos_token_id if tok.eos_token is not None else tok.pad_token_id
+        rows = tok([self.head_text + tail for tail in tails])["input_ids"]
+        width = max(len(r) for r in rows)
+        if self.own_padding_side == "left":
+            padded = [[pad] * (width - len(r)) + r for r in rows]
+        else:
+            padded = [r + [pad] * (width - len(r)) for r in rows]
+        ids = torch.tensor(padded, dtype=torch.long)
+        return PromptIds(torch.zeros(0, dtype=torch.long), ids, torch.ones_like(ids))
 
     def whole(self, prompts: list[str]) -> PromptIds:
         """Ids of whole prompt texts, tokenised as they are (the ``head`` is empty)."""

@@ -100,9 +100,12 @@ class TimeLLM(TrainingHooks, nn.Module):
                 hp.d_model, hp.n_heads, hp.d_ff, self.token_dim, hp.dropout
             )
             ramp = torch.linspace(-1.0, 1.0, d.seq_len).unsqueeze(0)  # any series will do
-            sample_tail = prompt_tails(prompt_statistics(ramp, hp.prompt.top_k_lags), hp.prompt)[0]
+            stats = prompt_statistics(ramp, hp.prompt.top_k_lags, hp.prompt.lags)
             self.prompt_tokenizer = PromptTokenizer(
-                self.backbone.tokenizer, prompt_head(hp.prompt), sample_tail
+                self.backbone.tokenizer,
+                prompt_head(hp.prompt),
+                prompt_tails(stats, hp.prompt)[0],
+                self.backbone.own_padding_side,
             )
             self.prompt_embedding = Tap()
             self.llm_input = Tap()
@@ -130,6 +133,11 @@ class TimeLLM(TrainingHooks, nn.Module):
         for path, wanted in asked.items():
             if not wanted:
                 paths[path] = "off (config)"
+            elif path == "model.prefix_cache" and hp.prompt.padding == "published":
+                paths[path] = (
+                    "not applicable: model.prompt_padding = published (pad tokens are attended "
+                    "where the tokenizer puts them; the cached head needs masked left padding)"
+                )
             elif b is None or hp.llm_ablation != "none":
                 paths[path] = f"not applicable: model.llm_ablation = {hp.llm_ablation}"
             else:
@@ -187,8 +195,12 @@ class TimeLLM(TrainingHooks, nn.Module):
             return self.head(tokens if prefix is None else torch.cat([prefix, tokens], dim=1))
         prototypes = self.text_prototypes(self.backbone.word_embeddings)
         patches = self.reprogramming(tokens, prototypes)  # [B*N, P, llm_dim]
-        stats = prompt_statistics(series, self.hp.prompt.top_k_lags)
-        prompts = self.prompt_tokenizer(prompt_tails(stats, self.hp.prompt))
+        p = self.hp.prompt
+        tails = prompt_tails(prompt_statistics(series, p.top_k_lags, p.lags), p)
+        if p.padding == "published":
+            prompts = self.prompt_tokenizer.unmasked(tails)
+        else:
+            prompts = self.prompt_tokenizer(tails)
         if self.caches_prefix(prefix):
             hidden = self._encode_after_cached_head(prompts, patches)
         else:
@@ -217,7 +229,9 @@ class TimeLLM(TrainingHooks, nn.Module):
         tokens [M, K, llm_dim] go right after the padding: ``[pad..., prefix, prompt,
         patches]``. Positions are derived from the mask (``Backbone.encode``), so the first
         prefix token is position 0 in every row, padded or not. ``prompts`` are the ids of
-        :attr:`prompt_tokenizer` or whole prompt texts (tokenised here).
+        :attr:`prompt_tokenizer` or whole prompt texts (tokenised here). Under
+        ``model.prompt_padding = published`` the ids come padded as the published code pads
+        them, with a mask of ones: ``[prefix, prompt and pads, patches]``, pads attended.
         """
         if not isinstance(prompts, PromptIds):
             prompts = self.prompt_tokenizer.whole(prompts)
@@ -256,10 +270,13 @@ class TimeLLM(TrainingHooks, nn.Module):
         (``model.prefix_cache``): exact, so used whenever possible. That needs a causal LLM
         (the head never attends to what follows it), no stand-in, no extra tokens before
         the head (TAPR/GRA-M put theirs there), a tokeniser that splits head and tail, and
-        the LLM in eval mode (with its dropout on, every row draws its own head)."""
+        the LLM in eval mode (with its dropout on, every row draws its own head), and
+        masked prompt padding (published padding attends pad tokens wherever the tokenizer
+        puts them, before the head with left padding)."""
         b = self.backbone
         return (
             self.hp.prefix_cache
+            and self.hp.prompt.padding == "masked"
             and prefix is None
             and self.llm_standin is None
             and b.can_cache_prefix

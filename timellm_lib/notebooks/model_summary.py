@@ -27,7 +27,7 @@ SHAPE_COLUMNS = ["stage", "module", "shape", "note"]
 def channel_counts(cfg: Config, n_channels: int) -> tuple[int, int]:
     """(n_in, n_out) for ``n_channels`` data columns: M maps all to all, MS all to the
     target, S the target to itself (the same rule as :func:`timellm_lib.notebooks.tracing.trace_shapes`)."""
-    features = cfg.data.features
+    features = cfg.data.model_features
     return (1 if features == "S" else n_channels), (n_channels if features == "M" else 1)
 
 

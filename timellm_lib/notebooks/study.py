@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ import yaml
 
 from timellm_lib.config import Config, load_config
 from timellm_lib.errors import WorkbenchError
+from timellm_lib.files import write_text_atomic
+from timellm_lib.training.faults import StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +164,8 @@ def run_study(
     """Train (or reuse, or resume) every run of the rows named in ``only`` (default all),
     then write and return the results (``results.json`` and ``results.md``, rewritten after
     every run). A run whose config no longer matches the plan is refused with the keys that
-    differ. Stops after a run that was interrupted (SIGTERM,
-    Ctrl-C): starting the study again continues it. A run that fails with a WorkbenchError
+    differ. SIGTERM or Ctrl-C stops the study after the current run (interrupted with a
+    checkpoint): starting the study again continues it. A run that fails with a WorkbenchError
     is recorded with its message and the others go on."""
     from timellm_lib.training import train
 
@@ -175,22 +178,26 @@ def run_study(
     selected = [r for r in plan.rows if not only or r.name in only]
     todo = [(row, seed) for row in selected for seed in row.seeds]
     errors: dict[tuple[str, int], str] = {}
-    for i, (row, seed) in enumerate(todo):
-        directory = run_dir(out, row, seed)
-        print(f"[{i + 1}/{len(todo)}] {row.name} seed {seed}: {directory}", flush=True)
-        resume = "auto" if (directory / "checkpoints").is_dir() else None
-        try:
-            result = train(row.configs[seed], run_dir=directory, resume=resume, progress=progress)
-        except WorkbenchError as err:
-            errors[(row.name, seed)] = str(err)
-            print(f"  failed: {err}", flush=True)
-            continue
-        print(f"  {result.summary()}", flush=True)
-        if result.finished:
-            row_cost(out, row)
-        write_results(plan, out, command, errors)
-        if result.status == "interrupted":
-            break
+    with StopSignals("the study stops after the current run") as stop:
+        for i, (row, seed) in enumerate(todo):
+            if stop.received:  # also when the interrupted run then failed (e.g. its save)
+                break
+            directory = run_dir(out, row, seed)
+            print(f"[{i + 1}/{len(todo)}] {row.name} seed {seed}: {directory}", flush=True)
+            resume = "auto" if (directory / "checkpoints").is_dir() else None
+            try:
+                cfg = row.configs[seed]
+                result = train(cfg, run_dir=directory, resume=resume, progress=progress)
+            except WorkbenchError as err:
+                errors[(row.name, seed)] = str(err)
+                print(f"  failed: {err}", flush=True)
+                continue
+            print(f"  {result.summary()}", flush=True)
+            if result.finished:
+                row_cost(out, row)
+            write_results(plan, out, command, errors)
+            if result.status == "interrupted":
+                break
     return write_results(plan, out, command, errors)
 
 
@@ -380,6 +387,33 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def code_version() -> str | None:
+    """The git commit of the timellm_lib checkout that ran (``-dirty`` when it had uncommitted
+    changes); None for an installed copy outside a git checkout."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "pyproject.toml").is_file():
+        return None
+    try:
+        done = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(root),
+                "describe",
+                "--always",
+                "--dirty",
+                "--abbrev=12",
+                "--exclude=*",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
 def write_results(
     plan: Plan, out: Path, command: str, errors: dict[tuple[str, int], str] | None = None
 ) -> dict[str, Any]:
@@ -396,12 +430,13 @@ def write_results(
         "plan": str(plan.path),
         "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "code": code_version(),
         "machine": machine_info(),
         "rows": rows,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown_table(results))
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out / "results.md", markdown_table(results))
     return results
 
 
@@ -426,6 +461,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         "",
         f"Command: `{results['command']}`  ",
         f"Date: {results['date']}  ",
+        f"Code: {results.get('code') or 'not a git checkout'}  ",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, "
         f"torch {m['torch']}, transformers {m['transformers']}"
         + (f", GPU {m['gpu']}" if m.get("gpu") else ""),

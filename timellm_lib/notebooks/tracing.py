@@ -4,12 +4,18 @@ The stages of the Time-LLM models and their notes are written here (submodule pa
 name, note), in forward order; stages that are not modules of their own are ``Tap``
 submodules called on the tensor). The tracer hooks each listed module, runs one forward pass
 and records every call in execution order, so the shapes are never written by hand.
+
+Each row also has a ``spread``: how much the stage's output differs between the series of the
+batch, relative to its size (:func:`series_spread`). A stage whose spread is near zero passes
+on almost nothing of its input, which shapes cannot show: traced on real windows with trained
+weights (:func:`trace_checkpoint`) it tells whether the language model sees the series at all.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +38,7 @@ def trace_shapes(cfg: Config, batch_size: int = 32, n_channels: int | None = Non
     (:func:`trend_classes`).
     """
     n_channels = 7 if n_channels is None else n_channels
-    features = cfg.data.features
+    features = cfg.data.model_features
     n_in = 1 if features == "S" else n_channels
     n_out = n_channels if features == "M" else 1
     with torch.random.fork_rng(devices=[]):
@@ -43,6 +49,31 @@ def trace_shapes(cfg: Config, batch_size: int = 32, n_channels: int | None = Non
         after = max(i for i, row in enumerate(rows) if row["stage"] == "Trend Token")
         rows.insert(after + 1, _trend_class_row(cfg))
     return rows
+
+
+def trace_checkpoint(path: str | Path, batch_size: int = 32, split: str = "val") -> list[dict]:
+    """Trace the model of checkpoint ``path`` (its trained weights, as ``timellm eval`` loads
+    them) on ``batch_size`` real windows of ``split``, evenly spaced over the split, so each
+    row's ``spread`` measures how much the trained stage varies with the data."""
+    from timellm_lib.evaluation.inference import load_for_inference
+
+    loaded = load_for_inference(path)
+    windows = loaded.datasets.split(split)
+    idx = torch.linspace(0, len(windows) - 1, min(batch_size, len(windows))).long()
+    x, _ = windows.get_batch(idx)
+    return trace_model(loaded.model, x.to(loaded.device))
+
+
+def series_spread(tensor: Tensor) -> float | None:
+    """The standard deviation across the first dimension (the batch's windows or series),
+    averaged over every other position, over the tensor's root mean square: about 1 for
+    independent series, 0 for a stage whose output is the same whatever the series. None
+    where it is undefined (fewer than two series, integer ids, an all-zero tensor)."""
+    if tensor.ndim == 0 or tensor.shape[0] < 2 or not tensor.is_floating_point():
+        return None
+    values = tensor.detach().double()
+    rms = values.pow(2).mean().sqrt()
+    return float(values.std(dim=0).mean() / rms) if rms > 0 else None
 
 
 def trend_classes(cfg: Config) -> dict[str, Any]:
@@ -68,7 +99,8 @@ def _trend_class_row(cfg: Config) -> dict:
         classes = trend_classes(cfg)
     except DataError as err:
         note = f"class shares need the training data: {err}"
-        return {"stage": "TAPR labels", "module": "tapr.head", "shape": [], "note": note}
+        return {"stage": "TAPR labels", "module": "tapr.head", "shape": [], "spread": None,
+                "note": note}  # fmt: skip
     shares = "; ".join(
         ", ".join(f"{name} {share:.1%}" for name, share in classes[kind].items())
         for kind in ("direction", "magnitude")
@@ -79,6 +111,7 @@ def _trend_class_row(cfg: Config) -> dict:
         "stage": "TAPR labels",
         "module": "tapr.head",
         "shape": [classes["series"]],
+        "spread": None,
         "note": note,
     }
 
@@ -115,8 +148,12 @@ def trace_model(model: nn.Module, x: Tensor) -> list[dict]:
 
 def format_trace(rows: list[dict]) -> str:
     """A plain-text table of trace rows."""
-    header = {"stage": "stage", "module": "module", "shape": "shape", "note": "note"}
-    cells = [header] + [{**row, "shape": _shape_text(row["shape"])} for row in rows]
+    header = {"stage": "stage", "module": "module", "shape": "shape", "spread": "spread",
+              "note": "note"}  # fmt: skip
+    cells = [header] + [
+        {**row, "shape": _shape_text(row["shape"]), "spread": _spread_text(row.get("spread"))}
+        for row in rows
+    ]
     widths = {key: max(len(str(c[key])) for c in cells) for key in header}
     lines = ["  ".join(str(c[key]).ljust(widths[key]) for key in header).rstrip() for c in cells]
     lines.insert(1, "  ".join("-" * widths[key] for key in header))
@@ -210,6 +247,9 @@ def _prompt_note(model: TimeLLM) -> str:
             f"per-series prompt tokens, left-padded; the shared head ({n_head} tokens) "
             "runs once per batch into a key/value cache"
         )
+    if model.hp.prompt.padding == "published":
+        side = model.prompt_tokenizer.own_padding_side
+        return f"prompt tokens padded on the {side} as published, pads attended (no mask)"
     return "left-padded prompt tokens, word embeddings"
 
 
@@ -271,7 +311,12 @@ def _first_tensor(output: Any) -> Tensor:
 
 
 def _row(stage: str, module: str, tensor: Tensor, note: str) -> dict:
-    return {"stage": stage, "module": module, "shape": list(tensor.shape), "note": note}
+    shape, spread = list(tensor.shape), series_spread(tensor)
+    return {"stage": stage, "module": module, "shape": shape, "spread": spread, "note": note}
+
+
+def _spread_text(spread: float | None) -> str:
+    return "-" if spread is None else f"{spread:.2g}"
 
 
 def _shape_text(shape: list[int] | str) -> str:

@@ -40,7 +40,10 @@ class StopSignals:
     of some application) the block runs with the process's handlers unchanged.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, stopping: str = "stopping after the current optimizer step, with a checkpoint"
+    ) -> None:
+        self.stopping = stopping  # what the holder does on a signal, for the log
         self.received: str | None = None
         self._previous: dict[int, object] = {}
 
@@ -48,12 +51,13 @@ class StopSignals:
         name = signal.Signals(signum).name
         if self.received is None:
             self.received = name
-            log.warning(
-                "%s received: stopping after the current optimizer step, with a checkpoint",
-                name,
-            )
+            log.warning("%s received: %s", name, self.stopping)
         else:
-            log.warning("%s received: already stopping after the current step", name)
+            log.warning("%s received: already %s", name, self.stopping)
+        enclosing = self._previous.get(signum)
+        if isinstance(getattr(enclosing, "__self__", None), StopSignals):
+            # e.g. a study around its runs: it must stop too, even if this run then fails
+            enclosing(signum, frame)  # type: ignore[operator]
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():

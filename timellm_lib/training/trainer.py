@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from timellm_lib.config import Config
 from timellm_lib.data.sampler import ResumableLoader, Shard, fixed_subset
-from timellm_lib.evaluation.metrics import autocast, evaluate
+from timellm_lib.evaluation.metrics import autocast, evaluate, published_test_batch
 from timellm_lib.files import write_text_atomic
 from timellm_lib.models.output import as_forecast
 from timellm_lib.training.checkpoint import (
@@ -287,13 +287,16 @@ def _validate(run: Run) -> None:
         run.event("early_stop", patience=run.stopper.patience)
 
 
-def _evaluate(run: Run, dataset: Any, with_ema: bool, progress: str) -> dict[str, Any]:
-    """Window-weighted metrics; ``with_ema`` uses the EMA weights when train.eval_with_ema.
-    Each rank of a distributed run scores its shard; the error totals are summed.
-    ``progress`` labels the bar over the windows (shown where the training bar is)."""
+def _evaluate(
+    run: Run, dataset: Any, with_ema: bool, progress: str, published_batch: int = 0
+) -> dict[str, Any]:
+    """Window-weighted metrics (``published_batch`` > 0: the published test metric);
+    ``with_ema`` uses the EMA weights when train.eval_with_ema. Each rank of a distributed
+    run scores its shard; the errors are summed. ``progress`` labels the bar over the
+    windows (shown where the training bar is)."""
     if with_ema and run.ema and run.cfg.train.eval_with_ema:
         with run.ema.applied(run.model):
-            return _evaluate(run, dataset, with_ema=False, progress=progress)
+            return _evaluate(run, dataset, False, progress, published_batch)
     world = run.world
     if world.distributed:
         dataset = Shard(dataset, world.rank, world.size)
@@ -305,6 +308,7 @@ def _evaluate(run: Run, dataset: Any, with_ema: bool, progress: str) -> dict[str
         run.amp_dtype,
         all_sum=partial(all_sum, world) if world.distributed else None,
         progress=progress if run.progress else None,
+        published_batch=published_batch,
     )
 
 
@@ -333,17 +337,18 @@ def _finish(run: Run) -> dict[str, Any]:
     anything during training). final.pt is resumable, and a run only counts as complete
     once eval_test.json exists too, so a crash between the two is repaired on resume."""
     _save_step(run, kind="final")
+    test, batch = run.datasets.test, published_test_batch(run.cfg.data, run.datasets.n_out)
     best = run.ckpt_dir / "best.pt"
     if best.is_file():
         payload = load_checkpoint(best)
         load_model_weights(run.model, payload["model"])
         used, at_step = "best.pt", payload["global_step"]
         # best.pt holds the EMA weights if used
-        metrics = _evaluate(run, run.datasets.test, with_ema=False, progress="test")
+        metrics = _evaluate(run, test, with_ema=False, progress="test", published_batch=batch)
     else:  # only after resuming from before a discarded best.pt without a new improvement
         log.warning("no best.pt; evaluating the test split with the final weights")
         used, at_step = "final.pt", run.state.global_step
-        metrics = _evaluate(run, run.datasets.test, with_ema=True, progress="test")
+        metrics = _evaluate(run, test, with_ema=True, progress="test", published_batch=batch)
     result = {"split": "test", **metrics, "checkpoint": used, "checkpoint_global_step": at_step}
     MainWriter(run).test_result(result)
     return result
