@@ -108,3 +108,40 @@ def test_model_params_hold_plain_values_not_config_sections() -> None:
 
 def imported_modules_full(path: Path) -> list[str]:
     return [f"timellm_lib.{name}" for name in imported_modules(path)]
+
+
+def test_the_trainer_reads_in_one_sitting() -> None:
+    """The loop's file stays short and hands no closures around (rank-0 writes are methods
+    of training/saving.py's MainWriter)."""
+    path = PACKAGE / "training" / "trainer.py"
+    assert len(path.read_text().splitlines()) <= 450
+    tree = ast.parse(path.read_text())
+    nested = [
+        inner.name
+        for outer in ast.walk(tree)
+        if isinstance(outer, ast.FunctionDef)
+        for inner in ast.walk(outer)
+        if inner is not outer and isinstance(inner, ast.FunctionDef)
+    ]
+    assert nested == []
+
+
+def test_nothing_probes_a_model_for_what_its_protocol_declares() -> None:
+    """The trainer, notebooks and benchmarks call the members of TrainableModel (or check
+    the protocol with isinstance), never hasattr(model, member)."""
+    from timellm_lib.models.protocol import TrainableModel
+
+    members = {name for name in vars(TrainableModel) if not name.startswith("_")}
+    assert {"speed_paths", "build_memory", "backbone_fingerprint"} <= members
+    files = [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "benchmarks").glob("*.py")]
+    probes = [
+        f"{path.name}: hasattr(..., {node.args[1].value!r})"
+        for path in files
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "id", None) in ("hasattr", "getattr")
+        and len(node.args) >= 2
+        and isinstance(node.args[1], ast.Constant)
+        and node.args[1].value in members
+    ]
+    assert probes == []
