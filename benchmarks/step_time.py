@@ -71,7 +71,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from timellm_lib.config import Config, load_config
 from timellm_lib.evaluation.metrics import predict
-from timellm_lib.models import as_forecast, build_model
+from timellm_lib.models import TrainableModel, as_forecast, build_model
 
 N_CHANNELS = 7
 ANCHOR = [
@@ -253,8 +253,9 @@ def worker(args: argparse.Namespace) -> None:
             "first_step_s": round(first_s, 3),
             "gflop_per_step": round(counter.get_total_flops() / 1e9, 1),
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            # which exact speed switches ran, and why not (the published model has none)
-            "speed_paths": model.speed_paths() if hasattr(model, "speed_paths") else {},
+            # which exact speed switches ran, and why not (the published model is no
+            # TrainableModel and has none)
+            "speed_paths": model.speed_paths() if isinstance(model, TrainableModel) else {},
             **tokens,
         }
     )

@@ -14,7 +14,8 @@ TINY_MODEL = {
 
 
 def whole_prompts(stats, hp) -> list[str]:
-    """Each series' whole prompt text as the model builds it: the shared head, then its tail."""
+    """Each series' whole prompt text as the model builds it: the shared head, then its tail
+    (``hp``: the model's PromptParams)."""
     from timellm_lib.models.prompt import prompt_head, prompt_tails
 
     return [prompt_head(hp) + tail for tail in prompt_tails(stats, hp)]

@@ -15,7 +15,7 @@ from timellm_lib.evaluation.inference import load_for_inference
 from timellm_lib.models import build_model
 from timellm_lib.models.backbones import Backbone
 from timellm_lib.models.baselines import MLP
-from timellm_lib.models.params import ModelParams
+from timellm_lib.models.params import model_params
 from timellm_lib.notebooks import anatomy
 from timellm_lib.notebooks.describe import describe_checkpoint
 from timellm_lib.training import train
@@ -28,7 +28,7 @@ def finished(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("anatomy")
     cfg = tiny_config(tmp, "train.epochs=1")
     datasets = build_datasets(cfg.data)
-    model = MLP(ModelParams.from_config(cfg), datasets.n_in, datasets.n_out)
+    model = MLP(model_params(cfg), datasets.n_in, datasets.n_out)
     train(cfg, run_dir=tmp / "run", model=model, datasets=datasets, progress=False)
     return tmp / "run", model, datasets
 
@@ -106,7 +106,7 @@ def _frozen_backbone(fingerprint: str) -> Backbone:
 def test_the_backbone_stays_out_of_the_file_and_is_tied_by_fingerprint(tmp_path):
     cfg = tiny_config(tmp_path, "train.epochs=1", "model.backbone=frozen-test")
     datasets = build_datasets(cfg.data)
-    model = MLP(ModelParams.from_config(cfg), datasets.n_in, datasets.n_out)
+    model = MLP(model_params(cfg), datasets.n_in, datasets.n_out)
     model.backbone = _frozen_backbone("f00d")  # a plain attribute, outside the module tree
     model.backbone_fingerprint = "f00d"
     train(cfg, run_dir=tmp_path / "run", model=model, datasets=datasets, progress=False)
@@ -180,7 +180,7 @@ def test_round_trip_memory_file_and_fresh_model(finished, tmp_path):
     assert loaded_only["digests_equal"] and loaded_only["forecasts_equal"]
 
     other = MLP(
-        ModelParams.from_config(tiny_config(tmp_path)), datasets.n_in, datasets.n_out
+        model_params(tiny_config(tmp_path)), datasets.n_in, datasets.n_out
     )  # untrained weights
     mismatch = anatomy.round_trip(best, other)
     assert not mismatch["digests_equal"] and mismatch["forecasts_equal"]  # memory vs reloaded

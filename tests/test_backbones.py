@@ -10,7 +10,7 @@ import torch
 from timellm_lib.config import config_from_dict
 from timellm_lib.models import backbones
 from timellm_lib.models.backbones import BackboneError, load_backbone
-from timellm_lib.models.params import ModelParams
+from timellm_lib.models.params import model_params
 from timellm_lib.models.timellm import TimeLLM
 
 
@@ -103,7 +103,7 @@ def test_minilm_loads_offline_and_drives_a_small_timellm(monkeypatch):
                       "d_ff": 16, "n_heads": 2, "num_tokens": 8},
         }
     )  # fmt: skip
-    model = TimeLLM(ModelParams.from_config(cfg), 2, 2).eval()
+    model = TimeLLM(model_params(cfg), 2, 2).eval()
     square = torch.tensor([1.0, -1.0]).repeat(16)  # its prompt is shorter: left padding
     x = torch.stack([torch.stack([square, -square], -1), torch.randn(32, 2) * 3], 0)
     pred = model(x).pred

@@ -17,7 +17,7 @@ from trainer_helpers import assert_same_run, tiny_config
 
 from timellm_lib.models import TrainingHooks
 from timellm_lib.models.baselines import MLP
-from timellm_lib.models.params import ModelParams
+from timellm_lib.models.params import model_params
 from timellm_lib.notebooks.describe import describe_checkpoint, format_description
 from timellm_lib.training import checkpoint as ckpt_module
 from timellm_lib.training import train
@@ -158,8 +158,8 @@ def test_inspect_fields_digests_and_description(paused_run):
 
 
 def test_partial_load_reports_tensors_by_name(tmp_path):
-    small = MLP(ModelParams.from_config(tiny_config(tmp_path)), 7, 7)
-    longer = MLP(ModelParams.from_config(tiny_config(tmp_path, "data.pred_len=24")), 7, 7)
+    small = MLP(model_params(tiny_config(tmp_path)), 7, 7)
+    longer = MLP(model_params(tiny_config(tmp_path, "data.pred_len=24")), 7, 7)
     state = {**small.state_dict(), "extra.weight": torch.zeros(1)}
     report = load_model_weights(longer, state, strict=False)
     assert report["loaded"] == ["net.0.weight", "net.0.bias"]
@@ -197,7 +197,7 @@ def test_resume_refuses_other_configs_models_and_backbones(paused_run):
     ):
         train(cfg, run_dir=run, resume="auto", progress=False, model=Renamed())
 
-    with_backbone = MLP(ModelParams.from_config(cfg), 7, 7)
+    with_backbone = MLP(model_params(cfg), 7, 7)
     with_backbone.backbone_fingerprint = "0123abcd"
     with pytest.raises(CheckpointError, match="fingerprint None.*fingerprint 0123abcd"):
         train(cfg, run_dir=run, resume="auto", progress=False, model=with_backbone)

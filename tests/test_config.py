@@ -59,8 +59,8 @@ def test_bad_values_name_the_key_and_the_allowed_values(override, words):
 def test_d_ff_larger_than_the_backbone_width_is_rejected():
     cfg = load_config(overrides=["model.d_ff=512"])
     with pytest.raises(ConfigError, match="d_ff = 512 exceeds the backbone width llm_dim = 384"):
-        check_llm_dim(cfg.model, 384)
-    check_llm_dim(load_config(overrides=["model.d_ff=384"]).model, 384)
+        check_llm_dim(cfg.model.d_ff, cfg.model.backbone, 384)
+    check_llm_dim(384, "minilm", 384)
 
 
 def test_override_values_are_read_as_yaml():

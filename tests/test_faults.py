@@ -27,7 +27,7 @@ from timellm_lib import files as files_module
 from timellm_lib.cli import main as cli_main
 from timellm_lib.config import ConfigError, load_config
 from timellm_lib.models.baselines import MLP
-from timellm_lib.models.params import ModelParams
+from timellm_lib.models.params import model_params
 from timellm_lib.training import TrainingError, train
 from timellm_lib.training.checkpoint import (
     CheckpointError,
@@ -199,7 +199,7 @@ class NaNAt(MLP):
     or at every call from ``from_call`` on."""
 
     def __init__(self, cfg, calls=(), from_call: int | None = None) -> None:
-        super().__init__(ModelParams.from_config(cfg), 7, 7)
+        super().__init__(model_params(cfg), 7, 7)
         self.bad, self.from_call, self.calls = set(calls), from_call, 0
 
     def forward(self, x, y=None):
@@ -244,7 +244,7 @@ def test_a_nan_loss_stops_skips_or_reloads_as_configured(tmp_path):
         run_dir=by_hand,
         max_steps=3,
         progress=False,
-        model=_seeded(MLP, ModelParams.from_config(plain), 7, 7),
+        model=_seeded(MLP, model_params(plain), 7, 7),
     )
     lower = tiny_config(tmp_path, "train.lr=5e-4")
     train(lower, run_dir=by_hand, resume="auto", resume_new_lr=True, progress=False)

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
-from timellm_lib.config import Config
+from timellm_lib.config import Config, config_from_dict
+from timellm_lib.models import build_model
 from timellm_lib.models.gram import (
     GRAM,
     PVDR,
     MemoryStateError,
     gate_losses,
+    masked_softmax,
     query_positions_for,
     window_statistics,
 )
-from timellm_lib.models.params import ModelParams
+from timellm_lib.models.params import model_params
 
 D_MODEL, LLM_DIM = 16, 24
 MEMORY_BUFFERS = (
@@ -370,9 +375,9 @@ def test_same_seed_gives_same_outputs() -> None:
 
 def test_from_config_uses_model_settings() -> None:
     cfg = Config()
-    cfg.data.seq_len, cfg.data.pred_len = 64, 16
+    cfg.model.use_gram, cfg.data.seq_len, cfg.data.pred_len = True, 64, 16
     cfg.model.d_repr, cfg.model.top_k, cfg.model.max_memory_size = 32, 3, 100
-    gram = GRAM.from_params(ModelParams.from_config(cfg), llm_dim=20)
+    gram = GRAM.from_params(model_params(cfg).gram, llm_dim=20)
     r = gram.retriever
     assert r.memory_keys.shape == (100, 32) and r.memory_windows.shape == (100, 64) and r.top_k == 3
     assert isinstance(r, PVDR)
@@ -428,3 +433,84 @@ def test_gate_losses_have_finite_gradients_when_some_items_are_masked():
     losses = gate_losses(weights, valid, torch.tensor([0.7, 0.25]))
     (losses["gate_entropy"] + losses["gate_consistency"]).backward()
     assert torch.isfinite(weights.grad).all()
+
+
+class HostReads(TorchFunctionMode):
+    """Records every tensor method that copies a value to the host (a device sync on a GPU)."""
+
+    READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_forward_of_tapr_and_gram_reads_nothing_back_to_the_host() -> None:
+    """No device sync per step: memory size and pass count are host ints fixed at build/load
+    time, and every diagnostic stays a tensor until the trainer reads them all at once. The
+    no_llm ablation has no prompt (whose text needs the statistics on the host)."""
+    model = {"llm_ablation": "no_llm", "use_tapr": True, "use_gram": True, "d_model": 8}
+    model |= {"n_heads": 2, "d_repr": 8, "patch_len": 8, "stride": 4}
+    model |= {"max_memory_size": 50, "memory_windows": 40}
+    data = {"seq_len": 32, "label_len": 8, "pred_len": 8, "features": "M"}
+    torch.manual_seed(0)
+    net = build_model(config_from_dict({"data": data, "model": model}), 2, 2)
+    assert net.build_memory(training_series(32, 8, channels=2)) == 40
+    assert net.gram.retriever.size == 40 and isinstance(net.gram.retriever.size, int)
+    net.gram.retriever.refresh_every = 2  # a key refresh happens inside the recorded passes
+    x, y = torch.randn(4, 32, 2), torch.randn(4, 8, 2)
+    with HostReads() as reads:
+        for _ in range(2):
+            out = net.train()(x, y, window_index=torch.arange(4))
+    assert reads.seen == []
+    assert out.diagnostics and all(isinstance(v, torch.Tensor) for v in out.diagnostics.values())
+
+
+def test_memory_size_and_pass_count_are_restored_with_the_state_dict() -> None:
+    series = training_series(64, 16)
+    gram = make_gram(64, 16, refresh_every=3)
+    gram.build_memory(series, 30)
+    patch_emb, rows, positions = batch_from(series, [5, 40], 64)
+    for _ in range(2):
+        gram.train()(patch_emb, rows, positions)
+    keys_before = gram.retriever.memory_keys[:30].clone()
+    fresh = make_gram(64, 16, seed=1, refresh_every=3)
+    assert fresh.retriever.size == 0
+    fresh.load_state_dict(gram.state_dict())
+    assert fresh.retriever.size == gram.retriever.size == 30
+    # the encoders move (as a training step would), then the third pass refreshes the keys in
+    # both: the restored pass count says when
+    for module in (gram, fresh):
+        with torch.no_grad():
+            module.retriever.shape_logit.add_(1.0)
+        module.train()(patch_emb, rows, positions)
+    assert torch.equal(fresh.retriever.memory_keys, gram.retriever.memory_keys)
+    assert not torch.equal(fresh.retriever.memory_keys[:30], keys_before)
+    fresh.retriever.clear_memory()
+    assert fresh.retriever.size == 0
+
+
+def test_gate_losses_match_a_row_by_row_computation() -> None:
+    """Masked means over the rows with two or more valid items (no boolean indexing)."""
+    g = torch.Generator().manual_seed(0)
+    valid = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    weights = masked_softmax(torch.randn(4, 4, generator=g), valid)
+    top = torch.rand(4, generator=g)
+    entropies, consistencies = [], []
+    for row in range(4):
+        p = weights[row][valid[row]]
+        if len(p) < 2:
+            continue
+        h = float(-(p * p.log()).sum() / math.log(len(p)))
+        entropies.append(1 - h)
+        consistencies.append((h - (1 - float(top[row]))) ** 2)
+    losses = gate_losses(weights, valid, top)
+    assert losses["gate_entropy"].item() == pytest.approx(sum(entropies) / 2, rel=1e-5)
+    assert losses["gate_consistency"].item() == pytest.approx(sum(consistencies) / 2, rel=1e-5)
+    none = gate_losses(weights[1:3], valid[1:3], top[1:3])
+    assert none["gate_entropy"].item() == 0.0 and none["gate_consistency"].item() == 0.0

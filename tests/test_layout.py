@@ -75,16 +75,73 @@ def test_package_top_level_holds_only_the_base_modules() -> None:
 
 
 def test_no_model_reads_the_run_config() -> None:
-    """Models are built from ModelParams; only models/params.py (which builds them) and
-    build_model see the run Config."""
+    """Models are built from their own params; only models/params.py (which builds them) and
+    build_model see the run Config or its model section."""
     builders = {"params.py", "__init__.py"}
+    config_types = {"timellm_lib.config.Config", "timellm_lib.config.ModelConfig"}
     readers = [
         path.name
         for path in sorted((PACKAGE / "models").glob("*.py"))
-        if path.name not in builders and "timellm_lib.config.Config" in imported_modules_full(path)
+        if path.name not in builders and config_types & set(imported_modules_full(path))
     ]
     assert readers == []
 
 
+def test_model_params_hold_plain_values_not_config_sections() -> None:
+    """Each family's params name only what it uses: no field holds a config section."""
+    import dataclasses
+    import typing
+
+    from timellm_lib.models import params
+
+    records = [
+        obj
+        for obj in vars(params).values()
+        if dataclasses.is_dataclass(obj) and obj.__module__ == params.__name__
+    ]
+    assert len(records) >= 5
+    for record in records:
+        assert record.__dataclass_params__.frozen, record.__name__
+        for name, kind in typing.get_type_hints(record).items():
+            assert "Config" not in str(kind), f"{record.__name__}.{name}: {kind}"
+
+
 def imported_modules_full(path: Path) -> list[str]:
     return [f"timellm_lib.{name}" for name in imported_modules(path)]
+
+
+def test_the_trainer_reads_in_one_sitting() -> None:
+    """The loop's file stays short and hands no closures around (rank-0 writes are methods
+    of training/saving.py's MainWriter)."""
+    path = PACKAGE / "training" / "trainer.py"
+    assert len(path.read_text().splitlines()) <= 450
+    tree = ast.parse(path.read_text())
+    nested = [
+        inner.name
+        for outer in ast.walk(tree)
+        if isinstance(outer, ast.FunctionDef)
+        for inner in ast.walk(outer)
+        if inner is not outer and isinstance(inner, ast.FunctionDef)
+    ]
+    assert nested == []
+
+
+def test_nothing_probes_a_model_for_what_its_protocol_declares() -> None:
+    """The trainer, notebooks and benchmarks call the members of TrainableModel (or check
+    the protocol with isinstance), never hasattr(model, member)."""
+    from timellm_lib.models.protocol import TrainableModel
+
+    members = {name for name in vars(TrainableModel) if not name.startswith("_")}
+    assert {"speed_paths", "build_memory", "backbone_fingerprint"} <= members
+    files = [*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "benchmarks").glob("*.py")]
+    probes = [
+        f"{path.name}: hasattr(..., {node.args[1].value!r})"
+        for path in files
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "id", None) in ("hasattr", "getattr")
+        and len(node.args) >= 2
+        and isinstance(node.args[1], ast.Constant)
+        and node.args[1].value in members
+    ]
+    assert probes == []

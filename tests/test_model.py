@@ -10,7 +10,7 @@ from model_helpers import TINY_MODEL, whole_prompts
 from timellm_lib.config import Config, ConfigError, config_from_dict
 from timellm_lib.models import build_model
 from timellm_lib.models.layers import Patching, RevIN, n_patches
-from timellm_lib.models.params import ModelParams
+from timellm_lib.models.params import model_params
 from timellm_lib.models.prompt import prompt_statistics
 from timellm_lib.models.timellm import TimeLLM
 
@@ -29,7 +29,7 @@ def small_cfg(features: str = "M", **model: object) -> Config:
 
 def seeded_model(cfg: Config, n_in: int, n_out: int, seed: int = 0) -> TimeLLM:
     torch.manual_seed(seed)
-    return TimeLLM(ModelParams.from_config(cfg), n_in, n_out)
+    return TimeLLM(model_params(cfg), n_in, n_out)
 
 
 @pytest.mark.parametrize("features, n_in, n_out", [("M", 3, 3), ("S", 1, 1), ("MS", 3, 1)])
@@ -49,12 +49,10 @@ def test_ms_starts_as_the_target_channel_of_the_channel_independent_forecast():
 
 def test_wrong_channel_counts_and_too_wide_d_ff_are_rejected():
     with pytest.raises(ConfigError, match="MS"):
-        TimeLLM(ModelParams.from_config(small_cfg("M")), 3, 1)
+        TimeLLM(model_params(small_cfg("M")), 3, 1)
     with pytest.raises(ConfigError, match="d_ff"):
-        TimeLLM(
-            ModelParams.from_config(small_cfg("M", d_ff=256)), 3, 3
-        )  # tiny-random-gpt2 is 128 wide
-    model = TimeLLM(ModelParams.from_config(small_cfg("M")), 3, 3)
+        TimeLLM(model_params(small_cfg("M", d_ff=256)), 3, 3)  # tiny-random-gpt2 is 128 wide
+    model = TimeLLM(model_params(small_cfg("M")), 3, 3)
     with pytest.raises(ValueError, match="seq_len=32"):
         model(torch.randn(2, SEQ + 1, 3))
 
@@ -116,7 +114,7 @@ def test_published_prompt_text_and_compact_prompts_are_shorter():
         "trend": torch.tensor([-1.0]),
         "lags": torch.tensor([[7, 14, 1, 3, 16]]),
     }
-    (text,) = whole_prompts(stats, ModelParams.from_config(cfg))
+    (text,) = whole_prompts(stats, model_params(cfg).prompt)
     assert text == (
         "<|start_prompt|>Dataset description: Toy data. Task description: forecast the next 8 "
         "steps given the previous 32 steps information; Input statistics: min value "
@@ -126,12 +124,12 @@ def test_published_prompt_text_and_compact_prompts_are_shorter():
     compact_cfg = small_cfg(prompt_format="compact", description="Toy data. ")
     assert (
         "min value 0.1, max value 2.5, median value -0.3, "
-        in whole_prompts(stats, ModelParams.from_config(compact_cfg))[0]
+        in whole_prompts(stats, model_params(compact_cfg).prompt)[0]
     )
     random_stats = prompt_statistics(torch.randn(8, SEQ))
-    tokenizer = TimeLLM(ModelParams.from_config(cfg), 1, 1).backbone.tokenizer
-    published = whole_prompts(random_stats, ModelParams.from_config(cfg))
-    compact = whole_prompts(random_stats, ModelParams.from_config(compact_cfg))
+    tokenizer = TimeLLM(model_params(cfg), 1, 1).backbone.tokenizer
+    published = whole_prompts(random_stats, model_params(cfg).prompt)
+    compact = whole_prompts(random_stats, model_params(compact_cfg).prompt)
     for long, short in zip(published, compact, strict=True):
         assert len(tokenizer(short)["input_ids"]) < len(tokenizer(long)["input_ids"])
 
@@ -145,7 +143,7 @@ def two_series_with_different_prompt_lengths() -> torch.Tensor:
 def test_left_padding_puts_patches_last_and_padding_changes_nothing():
     model = seeded_model(small_cfg("S"), 1, 1).eval()
     x = two_series_with_different_prompt_lengths()
-    prompts = whole_prompts(prompt_statistics(RevIN()(x)[0].squeeze(-1)), model.hp)
+    prompts = whole_prompts(prompt_statistics(RevIN()(x)[0].squeeze(-1)), model.hp.prompt)
     lengths = [len(model.backbone.tokenizer(p)["input_ids"]) for p in prompts]
     assert lengths[0] < lengths[1]
 
@@ -161,7 +159,7 @@ def test_left_padding_puts_patches_last_and_padding_changes_nothing():
 
 
 def test_frozen_backbone_gets_no_gradient_and_stays_out_of_the_state_dict():
-    model = TimeLLM(ModelParams.from_config(small_cfg("M")), 2, 2)
+    model = TimeLLM(model_params(small_cfg("M")), 2, 2)
     model(torch.randn(2, SEQ, 2)).pred.square().mean().backward()
     backbone = model.backbone
     assert all(p.grad is None and not p.requires_grad for p in backbone.model.parameters())
@@ -183,10 +181,10 @@ def test_frozen_backbone_gets_no_gradient_and_stays_out_of_the_state_dict():
 
 
 def test_train_mode_and_device_moves_reach_the_backbone():
-    model = TimeLLM(ModelParams.from_config(small_cfg("M")), 2, 2)
+    model = TimeLLM(model_params(small_cfg("M")), 2, 2)
     model.train()
     assert model.training and not model.backbone.model.training  # dropout off by default
-    leaky = TimeLLM(ModelParams.from_config(small_cfg("M", backbone_dropout=True)), 2, 2)
+    leaky = TimeLLM(model_params(small_cfg("M", backbone_dropout=True)), 2, 2)
     assert leaky.backbone is not model.backbone
     assert leaky.train().backbone.model.training and not leaky.eval().backbone.model.training
     leaky.double()
@@ -204,12 +202,12 @@ def test_llm_input_longer_than_the_backbone_allows_is_rejected():
         }
     )  # fmt: skip
     with pytest.raises(ValueError, match="at most 1024"):
-        TimeLLM(ModelParams.from_config(cfg), 1, 1)(torch.randn(1, 1100, 1))
+        TimeLLM(model_params(cfg), 1, 1)(torch.randn(1, 1100, 1))
 
 
 def test_one_adam_step_lowers_the_mse_on_a_fixed_batch():
     torch.manual_seed(1)
-    model = TimeLLM(ModelParams.from_config(small_cfg("M")), 2, 2)
+    model = TimeLLM(model_params(small_cfg("M")), 2, 2)
     t = torch.arange(SEQ + PRED, dtype=torch.float32)
     series = torch.stack([torch.sin(t / 3), torch.cos(t / 5)], -1) + 0.1 * torch.randn(
         4, SEQ + PRED, 2

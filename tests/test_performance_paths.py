@@ -21,7 +21,7 @@ from timellm_lib.config import Config, config_from_dict
 from timellm_lib.models.backbones import Backbone, _find_prefix_cache, load_backbone
 from timellm_lib.models.enhanced import EnhancedTimeLLM
 from timellm_lib.models.layers import RevIN, channel_rows
-from timellm_lib.models.params import ModelParams
+from timellm_lib.models.params import model_params
 from timellm_lib.models.prompt import (
     PromptTokenizer,
     prompt_head,
@@ -46,7 +46,7 @@ def small_cfg(**model: object) -> Config:
 
 def seeded(cfg: Config, n: int = 2, cls: type = TimeLLM) -> TimeLLM:
     torch.manual_seed(0)
-    return cls(ModelParams.from_config(cfg), n, n)
+    return cls(model_params(cfg), n, n)
 
 
 def mixed_batch() -> torch.Tensor:
@@ -75,7 +75,7 @@ def llm_positions(model: TimeLLM, x: torch.Tensor) -> int:
 @pytest.mark.parametrize("backbone", ["tiny-random-gpt2", "minilm"])
 @pytest.mark.parametrize("prompt_format", ["compact", "published"])
 def test_head_tokenised_once_gives_the_ids_of_fresh_tokenisation(backbone, prompt_format):
-    hp = ModelParams.from_config(small_cfg(backbone=backbone, prompt_format=prompt_format))
+    hp = model_params(small_cfg(backbone=backbone, prompt_format=prompt_format)).prompt
     tokenizer = load_backbone(backbone).tokenizer
     series = channel_rows(RevIN()(mixed_batch())[0])
     stats = prompt_statistics(series)

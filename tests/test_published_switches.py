@@ -14,7 +14,7 @@ import torch
 from model_helpers import TINY_MODEL
 from trainer_helpers import REPO_ROOT, cli, tiny_config
 
-from timellm_lib.config import Config, ConfigError, load_config
+from timellm_lib.config import ConfigError, config_from_dict, load_config
 from timellm_lib.data import build_datasets
 from timellm_lib.data.sampler import Shard
 from timellm_lib.evaluation.inference import evaluate_checkpoint
@@ -24,7 +24,7 @@ from timellm_lib.evaluation.metrics import (
     forecasts,
     published_test_batch,
 )
-from timellm_lib.models import ModelParams, Window, build_model
+from timellm_lib.models import build_model, model_params
 from timellm_lib.models.layers import RevIN
 from timellm_lib.models.prompt import prompt_head, prompt_statistics, prompt_tails
 from timellm_lib.models.timellm import TimeLLM
@@ -36,11 +36,8 @@ SEQ = 32
 
 def tiny_timellm(**model: object) -> TimeLLM:
     """A one-channel Time-LLM on the tiny random GPT-2 (eval mode, no dropout)."""
-    cfg = Config()
-    fields = {**TINY_MODEL, **model}
-    hp = ModelParams(
-        type(cfg.model)(**fields), Window(seq_len=SEQ, label_len=8, pred_len=8, features="M")
-    )
+    data = {"seq_len": SEQ, "label_len": 8, "pred_len": 8, "features": "M"}
+    hp = model_params(config_from_dict({"data": data, "model": {**TINY_MODEL, **model}}))
     torch.manual_seed(0)
     return TimeLLM(hp, 1, 1).eval()
 
@@ -74,7 +71,7 @@ def test_published_lags_are_the_published_rule_with_lag_zero_and_mirrors():
     assert 0 not in distinct and all(1 <= lag <= SEQ // 2 for lag in distinct)
     # and the prompt the model writes shows the published lags
     model = tiny_timellm(prompt_lags="published")
-    tail = prompt_tails(prompt_statistics(x, 5, "published"), model.hp)[0]
+    tail = prompt_tails(prompt_statistics(x, 5, "published"), model.hp.prompt)[0]
     assert f"top 5 lags are : {got}" in tail
 
 
@@ -86,9 +83,9 @@ def two_series_with_prompts_of_different_length(model: TimeLLM) -> tuple[torch.T
     gen = torch.Generator().manual_seed(3)
     x = torch.stack([torch.randn(SEQ, generator=gen), torch.linspace(0, 1, SEQ)]).unsqueeze(-1)
     series = RevIN()(x)[0].squeeze(-1)
-    tails = prompt_tails(prompt_statistics(series, 5, model.hp.model.prompt_lags), model.hp)
+    tails = prompt_tails(prompt_statistics(series, 5, model.hp.prompt.lags), model.hp.prompt)
     tok = model.backbone.tokenizer
-    lengths = [len(tok(prompt_head(model.hp) + tail)["input_ids"]) for tail in tails]
+    lengths = [len(tok(prompt_head(model.hp.prompt) + tail)["input_ids"]) for tail in tails]
     assert lengths[0] != lengths[1]
     return x, int(np.argmin(lengths))
 
@@ -97,8 +94,8 @@ def test_published_padding_pads_as_the_published_tokenizer_call():
     model = tiny_timellm(prompt_padding="published", prompt_format="published")
     x, _ = two_series_with_prompts_of_different_length(model)
     series = RevIN()(x)[0].squeeze(-1)
-    tails = prompt_tails(prompt_statistics(series, 5), model.hp)
-    texts = [prompt_head(model.hp) + tail for tail in tails]
+    tails = prompt_tails(prompt_statistics(series, 5), model.hp.prompt)
+    texts = [prompt_head(model.hp.prompt) + tail for tail in tails]
     # the published call: the tokenizer's own side, eos as pad, padding=True, no mask used
     own = copy.deepcopy(model.backbone.tokenizer)
     own.padding_side = model.backbone.own_padding_side

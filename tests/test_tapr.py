@@ -8,7 +8,7 @@ from model_helpers import TINY_MODEL
 
 from timellm_lib.config import Config, load_config
 from timellm_lib.data import build_datasets
-from timellm_lib.models.params import ModelParams
+from timellm_lib.models.params import model_params
 from timellm_lib.models.tapr import (
     DOWN,
     FLAT,
@@ -255,13 +255,13 @@ def test_same_seed_gives_same_outputs() -> None:
 
 def test_from_config_uses_model_settings() -> None:
     cfg = Config()
-    cfg.model.n_scales, cfg.data.pred_len = 2, 12
-    model = TAPR.from_params(ModelParams.from_config(cfg), llm_dim=20)
+    cfg.model.use_tapr, cfg.model.n_scales, cfg.data.pred_len = True, 2, 12
+    model = TAPR.from_params(model_params(cfg).tapr, llm_dim=20)
     assert model.decomposition.kernels == (1, 4)
     out = model(torch.randn(2, n_patches(64), cfg.model.d_model), torch.randn(2, 64))
     assert out.trend_token.shape == (2, 1, 20) and out.adjustment.shape == (2, 12)
     cfg.model.trend_thresholds = [-0.4, -0.1, 0.1, 0.4]
-    configured = TAPR.from_params(ModelParams.from_config(cfg), llm_dim=20).thresholds
+    configured = TAPR.from_params(model_params(cfg).tapr, llm_dim=20).thresholds
     assert torch.allclose(configured, torch.tensor([-0.4, -0.1, 0.1, 0.4]))
 
 

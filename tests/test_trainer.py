@@ -17,7 +17,7 @@ from timellm_lib.models import TrainableModel, TrainingHooks, build_model
 from timellm_lib.models.baselines import MLP, DLinear
 from timellm_lib.models.layers import moving_average
 from timellm_lib.models.output import Forecast
-from timellm_lib.models.params import ModelParams
+from timellm_lib.models.params import model_params
 from timellm_lib.training import TrainingError, train
 from timellm_lib.training import resume as resume_module
 from timellm_lib.training.checkpoint import load_checkpoint, step_files
@@ -284,7 +284,7 @@ def test_early_stopping_semantics_and_state():
 def test_validation_loss_weights_every_window_once(tmp_path):
     cfg = tiny_config(tmp_path)
     val = build_datasets(cfg.data).val  # 49 windows
-    model = MLP(ModelParams.from_config(cfg), 7, 7).eval()
+    model = MLP(model_params(cfg), 7, 7).eval()
     x, y = val.get_batch(torch.arange(len(val)))
     with torch.no_grad():
         exact = float(((model(x).double() - y.double()) ** 2).mean())
@@ -303,13 +303,11 @@ def test_baselines_shapes_and_decomposition(tmp_path):
     cfg = tiny_config(tmp_path)
     x = torch.randn(5, 48, 7)
     for cls in (DLinear, MLP):
-        assert cls(ModelParams.from_config(cfg), 7, 7)(x).shape == (5, 12, 7)
-        ms = cls(ModelParams.from_config(cfg), 7, 1).eval()
+        assert cls(model_params(cfg), 7, 7)(x).shape == (5, 12, 7)
+        ms = cls(model_params(cfg), 7, 1).eval()
         assert ms(x).shape == (5, 12, 1)
         assert torch.equal(ms(x), ms(x[..., -1:]))  # MS forecasts the last (target) channel
-    dropouts = [
-        m for m in MLP(ModelParams.from_config(cfg), 7, 7).modules() if isinstance(m, nn.Dropout)
-    ]
+    dropouts = [m for m in MLP(model_params(cfg), 7, 7).modules() if isinstance(m, nn.Dropout)]
     assert [d.p for d in dropouts] == [0.1]
     level = torch.full((2, 3, 48), 4.0)  # [rows, channels, time]
     assert torch.allclose(moving_average(level, 25), level)

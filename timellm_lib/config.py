@@ -481,12 +481,12 @@ def _check_combinations(cfg: Config) -> None:
         )
 
 
-def check_llm_dim(model: ModelConfig, llm_dim: int) -> None:
+def check_llm_dim(d_ff: int, backbone: str, llm_dim: int) -> None:
     """The model keeps the first d_ff features of the LLM output, so d_ff <= llm_dim."""
-    if model.d_ff > llm_dim:
+    if d_ff > llm_dim:
         raise ConfigError(
-            f"model.d_ff = {model.d_ff} exceeds the backbone width llm_dim = {llm_dim} of "
-            f"{model.backbone!r}; set model.d_ff to at most {llm_dim}"
+            f"model.d_ff = {d_ff} exceeds the backbone width llm_dim = {llm_dim} of "
+            f"{backbone!r}; set model.d_ff to at most {llm_dim}"
         )
 
 

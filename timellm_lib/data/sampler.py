@@ -1,27 +1,8 @@
-"""Resumable batches: a seeded permutation per epoch, so any batch is found by arithmetic.
+"""Resumable batches: a seeded permutation per epoch, so any batch is found by arithmetic and
+a resume does not load (or index) the batches before its position.
 
-The order of epoch ``e`` is ``torch.randperm(n, generator=Generator().manual_seed(h(seed, e)))``
-and batch ``b`` is ``perm[b * batch_size:(b + 1) * batch_size]``. Nothing depends on what was
-drawn before, so a run resumed at batch ``b`` of epoch ``e`` starts there directly, without
-loading (or even indexing) the batches before it: resume cost does not grow with the position.
-The last incomplete batch is dropped, which keeps the number of batches per epoch fixed.
-A sample is a whole window (every channel) or, with ``data.sample_unit = channel``, one
-channel of one window (:class:`~timellm_lib.data.windows.ChannelWindows`, the published ETT
-loader's unit); the arithmetic is the same over either, and ``batch_size`` counts samples.
-
-In a distributed run of ``K`` processes ``batch_size`` is the *global* batch: every process
-computes the same permutation, and rank ``r`` takes the contiguous rows
-``[r * batch_size / K, (r + 1) * batch_size / K)`` of each batch. So the windows of batch
-``b`` are the same for any ``K`` (the data order does not depend on how many processes share
-it), resuming mid-epoch is the same index arithmetic on every rank, and a run may resume on a
-different number of processes with its global batch order preserved. Evaluation splits a
-dataset into contiguous :class:`Shard` blocks instead, one per rank, every window scored once.
-
-Batches are gathered with ``dataset.get_batch(idx)`` (one tensor gather) when the dataset has
-it, else by stacking ``dataset[i]``. With ``num_workers > 0`` a ``DataLoader`` fetches whole
-batches in worker processes, in order; each worker is seeded from (seed, epoch, worker) and the
-loader draws its base seed from its own generator, so the global RNG (dropout) is untouched and
-a resumed run sees the same numbers as an uninterrupted one.
+A sample is a whole window or, with ``data.sample_unit = channel``, one channel of one window;
+``batch_size`` counts samples and is the *global* batch of a distributed run.
 """
 
 from __future__ import annotations
@@ -57,7 +38,8 @@ def mix_seed(*parts: int) -> int:
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
-    """The order of the ``n`` training windows in ``epoch``."""
+    """The order of the ``n`` training windows in ``epoch``: it depends on nothing drawn
+    before, so batch ``b`` is ``perm[b * batch_size:(b + 1) * batch_size]`` at any time."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
 
 
@@ -101,8 +83,10 @@ class _SeedWorker:
 
 
 class ResumableLoader:
-    """Training batches of a seeded per-epoch order that can start at any batch; with
-    ``world_size`` > 1, this rank's share of each global batch."""
+    """Training batches of a seeded per-epoch order that can start at any batch; the last
+    incomplete batch is dropped, so every epoch has the same number. With ``world_size`` > 1
+    each rank takes its contiguous share of every global batch, so the batches are the same
+    for any number of processes."""
 
     def __init__(
         self,
@@ -156,6 +140,7 @@ class ResumableLoader:
             sampler=indices,
             num_workers=self.num_workers,
             worker_init_fn=_SeedWorker(self.seed, epoch),
+            # the base seed comes from its own generator: the global RNG (dropout) is untouched
             generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch, -1)),
         )
         return iter(loader)

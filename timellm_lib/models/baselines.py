@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from timellm_lib.models.layers import moving_average
-from timellm_lib.models.params import ModelParams
+from timellm_lib.models.params import LinearParams
 from timellm_lib.models.protocol import TrainingHooks
 
 MOVING_AVG_KERNEL = 25
@@ -29,12 +29,12 @@ class DLinear(TrainingHooks, nn.Module):
     """DLinear (Zeng et al., 2023): split the history into trend (moving average) and
     seasonal (the rest), map each from seq_len to pred_len with one linear layer, and add."""
 
-    def __init__(self, hp: ModelParams, n_in: int, n_out: int) -> None:
+    def __init__(self, hp: LinearParams, n_in: int, n_out: int) -> None:
         super().__init__()
         _check_channels(n_in, n_out)
         self.n_out = n_out
-        self.seasonal = nn.Linear(hp.window.seq_len, hp.window.pred_len)
-        self.trend = nn.Linear(hp.window.seq_len, hp.window.pred_len)
+        self.seasonal = nn.Linear(hp.seq_len, hp.pred_len)
+        self.trend = nn.Linear(hp.seq_len, hp.pred_len)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         x = x[..., -self.n_out :]  # MS: only the target channel is forecast
@@ -48,15 +48,15 @@ class MLP(TrainingHooks, nn.Module):
     """Per-channel MLP seq_len -> 64 -> pred_len with dropout, on windows centred by their mean
     (added back afterwards), since a window's level says little about its shape."""
 
-    def __init__(self, hp: ModelParams, n_in: int, n_out: int) -> None:
+    def __init__(self, hp: LinearParams, n_in: int, n_out: int) -> None:
         super().__init__()
         _check_channels(n_in, n_out)
         self.n_out = n_out
         self.net = nn.Sequential(
-            nn.Linear(hp.window.seq_len, MLP_HIDDEN),
+            nn.Linear(hp.seq_len, MLP_HIDDEN),
             nn.GELU(),
-            nn.Dropout(hp.model.dropout),
-            nn.Linear(MLP_HIDDEN, hp.window.pred_len),
+            nn.Dropout(hp.dropout),
+            nn.Linear(MLP_HIDDEN, hp.pred_len),
         )
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:

@@ -24,7 +24,7 @@ from timellm_lib.data.windows import WindowDataset
 from timellm_lib.models.gram import GRAM, GRAMOutput, query_positions_for
 from timellm_lib.models.layers import RevIN, Tap, channel_rows
 from timellm_lib.models.output import Forecast
-from timellm_lib.models.params import ModelParams
+from timellm_lib.models.params import EnhancedParams
 from timellm_lib.models.tapr import (
     TAPR,
     TAPROutput,
@@ -46,25 +46,25 @@ class EnhancedTimeLLM(TimeLLM):
     channels (``data.sample_unit = channel``), masks overlapping memory entries (GRA-M).
     """
 
-    def __init__(self, hp: ModelParams, n_in: int, n_out: int, target_index: int = -1) -> None:
-        m = hp.model
-        n_prefix = TREND_TOKENS * m.use_tapr + RETRIEVAL_TOKENS * m.use_gram
-        super().__init__(hp, n_in, n_out, target_index, n_prefix=n_prefix)
+    def __init__(self, hp: EnhancedParams, n_in: int, n_out: int, target_index: int = -1) -> None:
+        n_prefix = TREND_TOKENS * (hp.tapr is not None) + RETRIEVAL_TOKENS * (hp.gram is not None)
+        super().__init__(hp.core, n_in, n_out, target_index, n_prefix=n_prefix)
+        self.tapr_hp, self.gram_hp = hp.tapr, hp.gram
         # Registered after the baseline's stages, so those are initialised exactly as in
         # the baseline for the same seed.
-        if m.use_tapr:
-            self.tapr = TAPR.from_params(hp, self.token_dim)
+        if hp.tapr is not None:
+            self.tapr = TAPR.from_params(hp.tapr, self.token_dim)
             self.trend_token = Tap()
-            if m.fusion != "off":
+            if hp.tapr.fusion != "off":
                 self.trend_fusion = Tap()
-        if m.use_gram:
-            self.gram = GRAM.from_params(hp, self.token_dim)
+        if hp.gram is not None:
+            self.gram = GRAM.from_params(hp.gram, self.token_dim)
             self.retrieval_tokens = Tap()
 
     @property
     def needs_window_index(self) -> bool:
         """True when training batches should pass ``window_index`` (GRA-M leakage mask)."""
-        return self.hp.model.use_gram
+        return self.gram_hp is not None
 
     @property
     def skips_parameters(self) -> bool:
@@ -72,18 +72,18 @@ class EnhancedTimeLLM(TimeLLM):
         TAPR's fusion gate with ``model.fusion = off`` (nothing reads it), GRA-M's retriever
         and gate with an empty memory (``build_memory = false`` or ``memory_windows = 0``).
         A distributed run must then tell DDP to look for unused parameters."""
-        m = self.hp.model
-        idle_gate = m.use_tapr and m.fusion == "off"
-        empty_memory = m.use_gram and (not m.build_memory or m.memory_windows == 0)
+        tapr, gram = self.tapr_hp, self.gram_hp
+        idle_gate = tapr is not None and tapr.fusion == "off"
+        empty_memory = gram is not None and (not gram.build_memory or gram.memory_windows == 0)
         return idle_gate or empty_memory
 
     @property
     def fusion_active(self) -> bool:
         """Whether trend fusion is applied in the current mode (``model.fusion``)."""
-        mode = self.hp.model.fusion
-        return self.hp.model.use_tapr and (
-            mode == "always" or (mode == "train_only" and self.training)
-        )
+        if self.tapr_hp is None:
+            return False
+        mode = self.tapr_hp.fusion
+        return mode == "always" or (mode == "train_only" and self.training)
 
     # -------------------------------------------------------------------------- memory
 
@@ -98,18 +98,18 @@ class EnhancedTimeLLM(TimeLLM):
         ``model.build_memory``. Call it once on a fresh start only: the memory is a set of
         buffers, so a resumed run gets it back from the checkpoint.
         """
-        m = self.hp.model
-        if not (m.use_gram and m.build_memory):
+        gram = self.gram_hp
+        if gram is None or not gram.build_memory:
             return 0
         series = train.series() if isinstance(train, WindowDataset) else train
-        return self.gram.build_memory(series, m.memory_windows, generator)
+        return self.gram.build_memory(series, gram.memory_windows, generator)
 
     def init_trend_thresholds(self, train: WindowDataset) -> tuple[float, ...] | None:
         """``model.trend_thresholds = auto``: set TAPR's thresholds to quantiles of the
         training split's labels (see :mod:`timellm_lib.models.tapr`) and return them; None
         when TAPR is off or the thresholds are configured. Call it once on a fresh start:
         the thresholds are parameters, so a resumed run gets them from the checkpoint."""
-        if not (self.hp.model.use_tapr and self.hp.model.trend_thresholds == "auto"):
+        if self.tapr_hp is None or self.tapr_hp.thresholds is not None:
             return None
         values = quantile_thresholds(training_changes(train, self.target_index))
         self.tapr.head.set_thresholds(values)
@@ -127,11 +127,11 @@ class EnhancedTimeLLM(TimeLLM):
         tokens = self.embed_patches(series)
         prefix = []
         trend = retrieved = None
-        if self.hp.model.use_tapr:
+        if self.tapr_hp is not None:
             trend = self.tapr(tokens, series)
             tokens = trend.patch_out
             prefix.append(self.trend_token(trend.trend_token))
-        if self.hp.model.use_gram:
+        if self.gram_hp is not None:
             positions = None
             if window_index is not None:
                 positions = window_index.to(x.device)
@@ -145,7 +145,7 @@ class EnhancedTimeLLM(TimeLLM):
         if trend is not None and self.fusion_active:
             adjustment = self._output_rows(trend.adjustment, x.shape[0])
             reference = None
-            if self.hp.model.fusion_form == "reference":  # the labels' reference point
+            if self.tapr_hp.fusion_form == "reference":  # the labels' reference point
                 reference = self._output_rows(series[:, -1], x.shape[0])
             pred = self.trend_fusion(apply_trend_fusion(pred, adjustment, reference))
         forecast = Forecast(pred=RevIN.denormalize(pred, mean, std))
@@ -174,7 +174,6 @@ class EnhancedTimeLLM(TimeLLM):
         so TAPR's labels come from the same series it saw. For MS only the target channel
         has a true future: the TAPR loss uses the target's rows.
         """
-        m = self.hp.model
         diagnostics = forecast.diagnostics
         if trend is not None:
             batch = y_norm.shape[0]
@@ -186,14 +185,18 @@ class EnhancedTimeLLM(TimeLLM):
                 gate=self._output_rows(trend.gate, batch),
             )
             total, parts, info = self.tapr.loss(
-                own, self._output_rows(series, batch), channel_rows(y_norm), m.lambda_trend
+                own,
+                self._output_rows(series, batch),
+                channel_rows(y_norm),
+                self.tapr_hp.lambda_trend,
             )
             forecast.aux_losses["tapr"] = total
             diagnostics.update(_detached(parts) | info)
             diagnostics["tapr_adjustment_abs_mean"] = trend.adjustment.detach().abs().mean()
-            diagnostics["tapr_fusion_active"] = float(self.fusion_active)  # a python bool
+            active = float(self.fusion_active)  # a python bool; the tensor keeps logging uniform
+            diagnostics["tapr_fusion_active"] = trend.adjustment.new_full((), active)
         if retrieved is not None:
-            total, parts, info = GRAM.loss(retrieved, m.lambda_retrieval)
+            total, parts, info = GRAM.loss(retrieved, self.gram_hp.lambda_retrieval)
             forecast.aux_losses["gram"] = total
             diagnostics.update(_detached(parts) | info)
 

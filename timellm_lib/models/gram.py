@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from timellm_lib.models.params import ModelParams
+from timellm_lib.models.params import GRAMParams
 
 N_STATS = 6  # mean, std, min, max, last, slope
 _MASKED = -1e4  # additive logit for masked items: exp() underflows to 0, no inf arithmetic
@@ -200,6 +200,8 @@ class PVDR(nn.Module):
     ``memory_windows [cap, seq_len]`` (raw windows, for key refreshes), ``memory_positions
     [cap, 3]`` (channel, start, end) with ``[start, end)`` the rows of the training series
     the entry used (window and future), ``memory_size`` and ``forward_count`` (scalars).
+    Both scalars are mirrored as Python ints, set when the memory is built or loaded, so
+    retrieval never reads a device tensor back to the host.
     """
 
     def __init__(
@@ -232,6 +234,7 @@ class PVDR(nn.Module):
         self.register_buffer("memory_size", torch.zeros((), dtype=torch.long))
         self.register_buffer("forward_count", torch.zeros((), dtype=torch.long))
         self._eval_keys: Tensor | None = None  # keys of the current encoders, eval mode only
+        self._size, self._passes = 0, 0  # memory_size and forward_count, on the host
 
     @property
     def capacity(self) -> int:
@@ -239,7 +242,7 @@ class PVDR(nn.Module):
 
     @property
     def size(self) -> int:
-        return int(self.memory_size)
+        return self._size
 
     @property
     def shape_weight(self) -> Tensor:
@@ -267,6 +270,7 @@ class PVDR(nn.Module):
         ):
             buf.zero_()
         self.memory_size.zero_()
+        self._size = 0
 
     @torch.no_grad()
     def add_to_memory(self, windows: Tensor, futures: Tensor, positions: Tensor) -> None:
@@ -310,6 +314,7 @@ class PVDR(nn.Module):
         self.memory_positions[rows] = torch.cat([positions, positions[:, 1:] + extent], dim=-1)
         self.memory_keys[rows] = self._encode_chunked(windows)
         self.memory_size.fill_(start + n)
+        self._size = start + n
         self._eval_keys = None
 
     @torch.no_grad()
@@ -387,7 +392,8 @@ class PVDR(nn.Module):
         rows, k = series.shape[0], self.top_k
         if self.training and self.refresh_every > 0 and self.size:
             self.forward_count += 1
-            if int(self.forward_count) % self.refresh_every == 0:
+            self._passes += 1
+            if self._passes % self.refresh_every == 0:
                 self.refresh_keys()
         if self.size == 0:
             zeros = series.new_zeros(rows, k)
@@ -485,6 +491,8 @@ class PVDR(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        # the one host read of the scalars: at load time, not in every forward
+        self._size, self._passes = int(self.memory_size), int(self.forward_count)
 
 
 # ----------------------------------------------------------------------------- gating
@@ -584,18 +592,17 @@ def gate_losses(item_weights: Tensor, valid: Tensor, top_weight: Tensor) -> dict
     Both losses are zero (but still in the graph) when no query has two valid items.
     """
     n_valid = valid.sum(-1)
-    usable = n_valid >= 2
-    if not bool(usable.any()):
-        zero = item_weights.sum() * 0.0
-        return {"gate_entropy": zero, "gate_consistency": zero}
-    p = item_weights[usable]
+    usable = (n_valid >= 2).to(item_weights.dtype)  # a mask, not an index: no host read
+    p = item_weights
     # p * log(p) with log clamped: masked items have p = 0, where xlogy's gradient is 0/0
     plogp = p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
-    entropy = -plogp.sum(-1) / torch.log(n_valid[usable].to(p.dtype))
-    target = 1.0 - top_weight[usable].detach()
+    # rows with fewer than two items are masked out below; clamping keeps them finite
+    entropy = -plogp.sum(-1) / torch.log(n_valid.clamp_min(2).to(p.dtype))
+    target = 1.0 - top_weight.detach()
+    rows = usable.sum().clamp_min(1.0)
     return {
-        "gate_entropy": (1.0 - entropy).mean(),
-        "gate_consistency": (entropy - target).pow(2).mean(),
+        "gate_entropy": ((1.0 - entropy) * usable).sum() / rows,
+        "gate_consistency": ((entropy - target).pow(2) * usable).sum() / rows,
     }
 
 
@@ -637,17 +644,16 @@ class GRAM(nn.Module):
         self.akg = AdaptiveKnowledgeGate(d_model, pred_len, llm_dim, n_heads)
 
     @classmethod
-    def from_params(cls, hp: ModelParams, llm_dim: int) -> GRAM:
-        m = hp.model
+    def from_params(cls, hp: GRAMParams, llm_dim: int) -> GRAM:
         return cls(
-            seq_len=hp.window.seq_len,
-            pred_len=hp.window.pred_len,
-            d_model=m.d_model,
+            seq_len=hp.seq_len,
+            pred_len=hp.pred_len,
+            d_model=hp.d_model,
             llm_dim=llm_dim,
-            d_repr=m.d_repr,
-            top_k=m.top_k,
-            max_memory_size=m.max_memory_size,
-            n_heads=m.n_heads,
+            d_repr=hp.d_repr,
+            top_k=hp.top_k,
+            max_memory_size=hp.max_memory_size,
+            n_heads=hp.n_heads,
         )
 
     def build_memory(

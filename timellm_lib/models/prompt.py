@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from timellm_lib.models.params import ModelParams
+from timellm_lib.models.params import PromptParams
 
 
 @torch.no_grad()
@@ -56,33 +56,31 @@ def prompt_statistics(
     }
 
 
-def prompt_head(hp: ModelParams) -> str:
+def prompt_head(hp: PromptParams) -> str:
     """The part of every prompt that does not depend on the series: dataset and task.
 
     It ends before the space that starts the statistics, so that tokenisers which attach a
     space to the following word (byte-level BPE) split the prompt at the same place whether
     head and tail are tokenised together or apart.
     """
-    m, d = hp.model, hp.window
     return (
-        f"<|start_prompt|>Dataset description: {m.description}"
-        f"Task description: forecast the next {d.pred_len} steps given the previous "
-        f"{d.seq_len} steps information; Input statistics:"
+        f"<|start_prompt|>Dataset description: {hp.description}"
+        f"Task description: forecast the next {hp.pred_len} steps given the previous "
+        f"{hp.seq_len} steps information; Input statistics:"
     )
 
 
-def prompt_tails(stats: dict[str, Tensor], hp: ModelParams) -> list[str]:
+def prompt_tails(stats: dict[str, Tensor], hp: PromptParams) -> list[str]:
     """The per-series part of each prompt: the statistics of :func:`prompt_statistics`.
 
     ``prompt_format: published`` prints each value as the published code does (``str`` of
     the float); ``compact`` keeps ``prompt_precision`` significant digits, which gives
     shorter token sequences and so a cheaper LLM pass.
     """
-    m = hp.model
-    if m.prompt_format == "published":
+    if hp.format == "published":
         fmt = str
     else:
-        digits = m.prompt_precision
+        digits = hp.precision
 
         def fmt(value: float) -> str:
             return f"{value:.{digits}g}"

@@ -42,6 +42,11 @@ class TrainableModel(Protocol):
         """Set thresholds learned from the training labels on a fresh start; None if none."""
         ...
 
+    def speed_paths(self) -> dict[str, str]:
+        """Each exact speed switch of the config -> its state (``timellm trace``, benchmarks);
+        empty for a model without one."""
+        ...
+
 
 class TrainingHooks:
     """The defaults of :class:`TrainableModel`: no memory, no thresholds, no backbone."""
@@ -55,3 +60,6 @@ class TrainingHooks:
 
     def init_trend_thresholds(self, train: WindowDataset) -> tuple[float, ...] | None:
         return None
+
+    def speed_paths(self) -> dict[str, str]:
+        return {}

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from timellm_lib.data.windows import WindowDataset
 from timellm_lib.models.gram import N_STATS, check_branch_inputs, window_statistics
 from timellm_lib.models.layers import moving_average
-from timellm_lib.models.params import ModelParams
+from timellm_lib.models.params import TAPRParams
 
 UP, DOWN, FLAT = 0, 1, 2  # direction classes
 STRONG_UP, WEAK_UP, WEAK_DOWN, STRONG_DOWN = 0, 1, 2, 3  # magnitude classes
@@ -439,18 +439,16 @@ class TAPR(nn.Module):
         self.head = CoarseToFineHead(2 * d_model + N_STATS, llm_dim, d_hidden, thresholds_init)
 
     @classmethod
-    def from_params(cls, hp: ModelParams, llm_dim: int) -> TAPR:
-        """TAPR as the enhanced model builds it (``trend_thresholds = auto``: placeholders
-        until ``init_trend_thresholds`` sees the training data)."""
-        m = hp.model
-        thresholds = DEFAULT_THRESHOLDS if m.trend_thresholds == "auto" else m.trend_thresholds
+    def from_params(cls, hp: TAPRParams, llm_dim: int) -> TAPR:
+        """TAPR as the enhanced model builds it (thresholds learned from the data:
+        placeholders until ``init_trend_thresholds`` sees the training split)."""
         return cls(
-            m.d_model,
+            hp.d_model,
             llm_dim,
-            hp.window.pred_len,
-            n_scales=m.n_scales,
-            n_heads=m.n_heads,
-            thresholds_init=tuple(thresholds),
+            hp.pred_len,
+            n_scales=hp.n_scales,
+            n_heads=hp.n_heads,
+            thresholds_init=DEFAULT_THRESHOLDS if hp.thresholds is None else hp.thresholds,
         )
 
     @property

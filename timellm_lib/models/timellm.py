@@ -37,7 +37,7 @@ from timellm_lib.models.layers import (
     rows_to_channels,
 )
 from timellm_lib.models.output import Forecast
-from timellm_lib.models.params import ModelParams
+from timellm_lib.models.params import TimeLLMParams
 from timellm_lib.models.prompt import (
     PromptIds,
     PromptTokenizer,
@@ -68,52 +68,52 @@ class TimeLLM(TrainingHooks, nn.Module):
     """
 
     def __init__(
-        self, hp: ModelParams, n_in: int, n_out: int, target_index: int = -1, n_prefix: int = 0
+        self, hp: TimeLLMParams, n_in: int, n_out: int, target_index: int = -1, n_prefix: int = 0
     ) -> None:
         super().__init__()
-        m, d = hp.model, hp.window
+        d = hp.window
         _check_channels(d.features, n_in, n_out)
         self.hp = hp
         self.n_in, self.n_out = n_in, n_out
         self.target_index = target_index % n_in
-        self.n_patch = n_patches(d.seq_len, m.patch_len, m.stride)
+        self.n_patch = n_patches(d.seq_len, hp.patch_len, hp.stride)
         # A plain attribute, not a submodule: see timellm_lib.models.backbones for why sharing is safe.
         self.backbone: Backbone | None = None
-        if m.llm_ablation != "no_llm":
-            self.backbone = load_backbone(m.backbone, m.llm_layers, m.backbone_dropout)
-            check_llm_dim(m, self.backbone.llm_dim)
+        if hp.llm_ablation != "no_llm":
+            self.backbone = load_backbone(hp.backbone, hp.llm_layers, hp.backbone_dropout)
+            check_llm_dim(hp.d_ff, hp.backbone, self.backbone.llm_dim)
             _warn_unavailable_speed_paths(self.backbone, self.speed_paths())
         # width of the tokens decode() reads: the LLM's, or d_model without an LLM
-        self.token_dim = m.d_model if self.backbone is None else self.backbone.llm_dim
+        self.token_dim = hp.d_model if self.backbone is None else self.backbone.llm_dim
 
         self.normalize = RevIN()
         self.channel_independence = Tap()
-        self.patching = Patching(m.patch_len, m.stride)
-        self.patch_embedding = PatchEmbedding(m.patch_len, m.d_model, m.dropout)
+        self.patching = Patching(hp.patch_len, hp.stride)
+        self.patch_embedding = PatchEmbedding(hp.patch_len, hp.d_model, hp.dropout)
         self.llm_standin: nn.Module | None = None
         if self.backbone is None:
-            self.head = FlattenHead(m.d_model, n_prefix + self.n_patch, d.pred_len, m.dropout)
+            self.head = FlattenHead(hp.d_model, n_prefix + self.n_patch, d.pred_len, hp.dropout)
         else:
             vocab = self.backbone.word_embeddings.shape[0]
-            self.text_prototypes = TextPrototypes(vocab, m.num_tokens)
+            self.text_prototypes = TextPrototypes(vocab, hp.num_tokens)
             self.reprogramming = ReprogrammingLayer(
-                m.d_model, m.n_heads, m.d_ff, self.token_dim, m.dropout
+                hp.d_model, hp.n_heads, hp.d_ff, self.token_dim, hp.dropout
             )
             ramp = torch.linspace(-1.0, 1.0, d.seq_len).unsqueeze(0)  # any series will do
-            stats = prompt_statistics(ramp, m.top_k_lags, m.prompt_lags)
+            stats = prompt_statistics(ramp, hp.prompt.top_k_lags, hp.prompt.lags)
             self.prompt_tokenizer = PromptTokenizer(
                 self.backbone.tokenizer,
-                prompt_head(hp),
-                prompt_tails(stats, hp)[0],
+                prompt_head(hp.prompt),
+                prompt_tails(stats, hp.prompt)[0],
                 self.backbone.own_padding_side,
             )
             self.prompt_embedding = Tap()
             self.llm_input = Tap()
-            if m.llm_ablation in ("llm2attn", "llm2trsf"):
-                self.llm_standin = _standin(m.llm_ablation, self.token_dim, m.n_heads, m.dropout)
+            if hp.llm_ablation in ("llm2attn", "llm2trsf"):
+                self.llm_standin = _standin(hp.llm_ablation, self.token_dim, hp.n_heads, hp.dropout)
             self.llm_output = Tap()
             self.llm_features = Tap()
-            self.head = FlattenHead(m.d_ff, self.n_patch, d.pred_len, m.dropout)
+            self.head = FlattenHead(hp.d_ff, self.n_patch, d.pred_len, hp.dropout)
         if d.features == "MS":
             self.channel_mixing = nn.Linear(n_in, 1)
             with torch.no_grad():
@@ -124,22 +124,22 @@ class TimeLLM(TrainingHooks, nn.Module):
     def speed_paths(self) -> dict[str, str]:
         """Each exact speed switch of the config -> ``on``, ``off (config)`` or why the
         backbone cannot use it (see :meth:`Backbone.speed_path`); shown by ``timellm trace``."""
-        m, b = self.hp.model, self.backbone
+        hp, b = self.hp, self.backbone
         asked = {
-            "model.prefix_cache": m.prefix_cache,
-            "model.last_layer_patches_only": m.last_layer_patches_only,
+            "model.prefix_cache": hp.prefix_cache,
+            "model.last_layer_patches_only": hp.last_layer_patches_only,
         }
         paths = {}
         for path, wanted in asked.items():
             if not wanted:
                 paths[path] = "off (config)"
-            elif path == "model.prefix_cache" and m.prompt_padding == "published":
+            elif path == "model.prefix_cache" and hp.prompt.padding == "published":
                 paths[path] = (
                     "not applicable: model.prompt_padding = published (pad tokens are attended "
                     "where the tokenizer puts them; the cached head needs masked left padding)"
                 )
-            elif b is None or m.llm_ablation != "none":
-                paths[path] = f"not applicable: model.llm_ablation = {m.llm_ablation}"
+            elif b is None or hp.llm_ablation != "none":
+                paths[path] = f"not applicable: model.llm_ablation = {hp.llm_ablation}"
             else:
                 status = b.speed_path(path)
                 paths[path] = "on" if status == "available" else status
@@ -162,7 +162,7 @@ class TimeLLM(TrainingHooks, nn.Module):
         """The frozen LLM stays in eval mode unless ``model.backbone_dropout``."""
         super().train(mode)
         if self.backbone is not None:
-            self.backbone.model.train(mode and self.hp.model.backbone_dropout)
+            self.backbone.model.train(mode and self.hp.backbone_dropout)
         return self
 
     # --------------------------------------------------------------------------- forward
@@ -195,9 +195,9 @@ class TimeLLM(TrainingHooks, nn.Module):
             return self.head(tokens if prefix is None else torch.cat([prefix, tokens], dim=1))
         prototypes = self.text_prototypes(self.backbone.word_embeddings)
         patches = self.reprogramming(tokens, prototypes)  # [B*N, P, llm_dim]
-        m = self.hp.model
-        tails = prompt_tails(prompt_statistics(series, m.top_k_lags, m.prompt_lags), self.hp)
-        if m.prompt_padding == "published":
+        p = self.hp.prompt
+        tails = prompt_tails(prompt_statistics(series, p.top_k_lags, p.lags), p)
+        if p.padding == "published":
             prompts = self.prompt_tokenizer.unmasked(tails)
         else:
             prompts = self.prompt_tokenizer(tails)
@@ -206,7 +206,7 @@ class TimeLLM(TrainingHooks, nn.Module):
         else:
             embeds, mask = self.llm_inputs(prompts, patches, prefix)
             hidden = self.llm_output(self.language_model(embeds, mask))
-        return self.head(self.llm_features(hidden[:, -self.n_patch :, : self.hp.model.d_ff]))
+        return self.head(self.llm_features(hidden[:, -self.n_patch :, : self.hp.d_ff]))
 
     def to_channels(
         self, rows: Tensor, batch_size: int, mean: Tensor, std: Tensor
@@ -259,7 +259,7 @@ class TimeLLM(TrainingHooks, nn.Module):
         (``model.last_layer_patches_only``): only they reach the head, so this is exact."""
         b = self.backbone
         return (
-            self.hp.model.last_layer_patches_only
+            self.hp.last_layer_patches_only
             and self.llm_standin is None
             and b is not None
             and b.last_layer is not None
@@ -275,8 +275,8 @@ class TimeLLM(TrainingHooks, nn.Module):
         puts them, before the head with left padding)."""
         b = self.backbone
         return (
-            self.hp.model.prefix_cache
-            and self.hp.model.prompt_padding == "masked"
+            self.hp.prefix_cache
+            and self.hp.prompt.padding == "masked"
             and prefix is None
             and self.llm_standin is None
             and b.can_cache_prefix

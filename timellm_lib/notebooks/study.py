@@ -1,40 +1,9 @@
 """Studies: named experiments trained over seeds, scored beside the published numbers and
-priced (parameters, seconds per step, wall time to the best checkpoint, GFLOP per step).
+priced (parameters, s/step, wall time to best, GFLOP/step). Plans live in
+``configs/studies/*.yaml`` (see the README's Results section for their keys).
 
-A plan (YAML, ``configs/studies/*.yaml``)::
-
-    name: etth1_full                  # the default output folder is outputs/studies/<name>
-    description: ...
-    config: configs/etth1_512_96.yaml # base config of every row (a row may name its own)
-    overrides: [train.threads=2]      # dotted overrides for every row, as timellm train --set
-    seeds: [2021, 2022, 2023]         # every row's seeds unless it lists its own
-    rows:
-      - name: dlinear_336
-        overrides: [model.name=dlinear, data.seq_len=336]
-        seeds: [2021]                 # optional
-        published: {mse: 0.375, mae: 0.399, source: "Zeng et al., AAAI 2023, Table 2"}
-
-Every run trains through :func:`timellm_lib.training.train` into ``<out>/runs/<row>/seed<N>``
-(a normal run directory) with ``--resume auto`` semantics: a finished run is reused as it
-is, an interrupted one continues bit-identically from its newest checkpoint, and a run whose
-config no longer matches the plan is refused with the keys that differ. So a study killed at
-any moment and started again ends with the numbers an uninterrupted study gives, and a long
-study may span several sittings.
-
-Precedence of config values: defaults < the row's config file < plan ``overrides`` < the
-row's ``overrides`` < ``--set`` of the command line (e.g. a data path). All of the plan's
-configs are resolved and checked before anything trains.
-
-Costs are read from the runs themselves: seconds per optimizer step is the median over the
-intervals between consecutive ``train`` events of metrics.jsonl with nothing else (no
-validation, no save) in between; the wall time to the best checkpoint adds up the time
-between events up to the last ``best`` save, leaving out the gaps before ``resume`` events
-(the time a study was not running). Parameters and GFLOP per optimizer step (forward and
-backward over ``grad_accum`` micro-batches of real training windows, counted by
-``torch.utils.flop_counter``) are measured once per row and kept in ``<row>/cost.json``.
-
-Outputs: ``<out>/results.json`` (every run, the aggregates, the machine, date and command)
-and ``<out>/results.md`` (the table), rewritten after every run.
+Each run is a normal run directory trained with ``--resume auto`` semantics, so a study
+killed at any moment and started again ends with the numbers of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -95,7 +64,13 @@ class Plan:
 
 def load_plan(path: str | Path, cli_overrides: list[str] | None = None) -> Plan:
     """Read, check and resolve a plan: every row's config for every seed is validated here,
-    before anything trains."""
+    before anything trains.
+
+    A plan has ``name``, ``description``, ``config`` (every row's base), ``overrides``,
+    ``seeds`` and ``rows``, each row with ``name``, ``overrides`` and optionally ``config``,
+    ``seeds`` and ``published: {mse, mae, source}`` (see ``configs/studies/``). Precedence:
+    defaults < row config file < plan overrides < row overrides < ``cli_overrides``.
+    """
     path = Path(path)
     if not path.is_file():
         raise StudyError(f"study plan {path} does not exist; pass a YAML file (configs/studies/)")
@@ -187,8 +162,10 @@ def run_study(
     command: str = "",
 ) -> dict[str, Any]:
     """Train (or reuse, or resume) every run of the rows named in ``only`` (default all),
-    then write and return the results. SIGTERM or Ctrl-C stops the study after the current
-    run (interrupted with a checkpoint): starting the study again continues it. A run that fails with a WorkbenchError
+    then write and return the results (``results.json`` and ``results.md``, rewritten after
+    every run). A run whose config no longer matches the plan is refused with the keys that
+    differ. SIGTERM or Ctrl-C stops the study after the current run (interrupted with a
+    checkpoint): starting the study again continues it. A run that fails with a WorkbenchError
     is recorded with its message and the others go on."""
     from timellm_lib.training import train
 

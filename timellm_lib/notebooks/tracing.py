@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from timellm_lib.config import Config
 from timellm_lib.data.windows import DataError
-from timellm_lib.models import as_forecast, build_model
+from timellm_lib.models import TrainableModel, as_forecast, build_model
 from timellm_lib.models.enhanced import EnhancedTimeLLM
 from timellm_lib.models.tapr import class_frequencies, quantile_thresholds, training_changes
 from timellm_lib.models.timellm import TimeLLM
@@ -139,9 +139,10 @@ def trace_model(model: nn.Module, x: Tensor) -> list[dict]:
         for handle in handles:
             handle.remove()
     rows.append(_row("Output", "", out.pred, "forecast"))
-    speed_paths = getattr(model, "speed_paths", None)
-    if callable(speed_paths):  # which exact speed switches this model really uses, and why not
-        rows[-1]["speed_paths"] = speed_paths()
+    # which exact speed switches the model really uses, and why not
+    paths = model.speed_paths() if isinstance(model, TrainableModel) else {}
+    if paths:
+        rows[-1]["speed_paths"] = paths
     return rows
 
 
@@ -177,7 +178,7 @@ def _stages(model: nn.Module) -> dict[str, tuple[str, str]]:
 
 def _timellm_stages(model: TimeLLM) -> dict[str, tuple[str, str]]:
     """The baseline Time-LLM's stages in forward order."""
-    m = model.hp.model
+    m = model.hp
     stages = {
         "normalize": ("Instance Norm", "RevIN: per-series mean/std over time, no affine"),
         "channel_independence": ("Channel Independence", "[B, L, N] -> [B*N, L, 1]"),
@@ -202,7 +203,7 @@ def _timellm_stages(model: TimeLLM) -> dict[str, tuple[str, str]]:
 
 
 def _language_stages(model: TimeLLM) -> dict[str, tuple[str, str]]:
-    m, b = model.hp.model, model.backbone
+    m, b = model.hp, model.backbone
     if model.llm_standin is None:
         llm = f"frozen {b.name}, {b.n_layers} layers"
     else:
@@ -246,7 +247,7 @@ def _prompt_note(model: TimeLLM) -> str:
             f"per-series prompt tokens, left-padded; the shared head ({n_head} tokens) "
             "runs once per batch into a key/value cache"
         )
-    if model.hp.model.prompt_padding == "published":
+    if model.hp.prompt.padding == "published":
         side = model.prompt_tokenizer.own_padding_side
         return f"prompt tokens padded on the {side} as published, pads attended (no mask)"
     return "left-padded prompt tokens, word embeddings"
@@ -254,20 +255,20 @@ def _prompt_note(model: TimeLLM) -> str:
 
 def _enhanced_stages(model: EnhancedTimeLLM) -> dict[str, tuple[str, str]]:
     """The enhanced model's stages: TAPR and GRA-M after the patch embedding."""
-    m = model.hp.model
+    tapr, gram = model.tapr_hp, model.gram_hp
     base = _timellm_stages(model)
     extra = {}
-    if m.use_tapr:
-        kernels = ", ".join(str(4**s) for s in range(m.n_scales))
+    if tapr is not None:
+        kernels = ", ".join(str(4**s) for s in range(tapr.n_scales))
         extra["tapr.decomposition"] = (
             "TAPR-DM",
-            f"{m.n_scales} scales (pooling {kernels}), cross-scale attention",
+            f"{tapr.n_scales} scales (pooling {kernels}), cross-scale attention",
         )
         extra["trend_token"] = ("Trend Token", "TAPR-C2F trend class -> 1 LLM token")
-    if m.use_gram:
+    if gram is not None:
         extra["gram.akg"] = (
             "GRA-M",
-            f"top-{m.top_k} retrieval, gated cross-attention fusion of retrieved futures",
+            f"top-{gram.top_k} retrieval, gated cross-attention fusion of retrieved futures",
         )
         extra["retrieval_tokens"] = ("Retrieval Tokens", "context, confidence -> 2 tokens")
     stages = {}
@@ -279,14 +280,15 @@ def _enhanced_stages(model: EnhancedTimeLLM) -> dict[str, tuple[str, str]]:
         formula = {
             "reference": "pred + adj * |pred - last input|",
             "multiplicative": "pred * (1 + adj)",
-        }[m.fusion_form]
-        stages["trend_fusion"] = ("Trend Fusion", f"fusion={m.fusion}: {formula}")
+        }[tapr.fusion_form]
+        stages["trend_fusion"] = ("Trend Fusion", f"fusion={tapr.fusion}: {formula}")
     return stages
 
 
 def _enhanced_llm_input_note(model: EnhancedTimeLLM) -> str:
-    m = model.hp.model
-    tokens = ["trend"] * m.use_tapr + ["retrieval x2"] * m.use_gram
+    tokens = ["trend"] * (model.tapr_hp is not None) + ["retrieval x2"] * (
+        model.gram_hp is not None
+    )
     return f"[pad ; {' ; '.join(tokens)} ; prompt ; patches], patches last"
 
 

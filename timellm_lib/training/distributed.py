@@ -1,28 +1,9 @@
-"""Several processes, one run: the torch.distributed (DDP) side of the trainer.
+"""Several processes, one run: the DDP side of the trainer (``torchrun --nproc-per-node K``).
 
-``torchrun --nproc-per-node K -m timellm_lib.cli train ...`` starts K copies of the trainer
-with ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` set; :func:`distributed_session` joins them
-into one process group (gloo on CPU, nccl on GPU). Every process runs the same loop on its
-shard of each global batch, DDP averages the gradients during the backward pass, so every
-process takes the same optimizer step and holds the same weights. Two kinds of agreement keep
-them in lockstep:
-
-- What must happen once is done by rank 0 and its outcome shared (:func:`on_main`,
-  :func:`from_main`): choosing the checkpoint to resume from, naming the run directory,
-  writing files. An error there is raised on every rank, so all processes stop together
-  with the same message instead of waiting for each other forever.
-- What must be summed is summed (:func:`all_sum`): step losses and the validation error
-  totals, weighted by windows, so EarlyStopping sees the same number on every rank.
-
-``data.batch_size`` is the *global* batch: optimizer step ``s`` of an epoch consumes batch
-``s`` of the (seed, epoch) permutation whatever the number of processes, and rank ``r`` of
-``K`` takes rows ``[r*B/K, (r+1)*B/K)`` of it (see :class:`~timellm_lib.data.sampler.
-ResumableLoader`). A config therefore means the same training on 1 or K processes, and a run
-may resume on a different number of them (same batches, same schedule; not bit-identical,
-since sums are taken in another order and each rank draws its own dropout masks).
-
-Without torchrun the world is one process: no process group is created and every helper here
-returns its input unchanged, so a single-process run does exactly what it did before.
+Every process runs the same loop on its shard of each *global* batch and DDP averages the
+gradients, so all hold the same weights; what must happen once is done by rank 0 and shared
+(:func:`on_main`), what must be summed is summed (:func:`all_sum`). Without torchrun every
+helper here returns its input unchanged.
 """
 
 from __future__ import annotations

@@ -129,16 +129,16 @@ def on_non_finite(run: Run, loss: float) -> dict[str, float] | None:
     ``train.on_nan_lr_factor`` once more at every reload (returns None). The log is rewound
     with the rest, so its resume event (``reason``) is the trace of the reload."""
     t = run.cfg.train
-    step = run.global_step + 1
+    step = run.state.global_step + 1
     run.optimizer.zero_grad(set_to_none=True)
     if t.on_nan == "skip":
         log.warning("loss %s at step %d: update skipped", loss, step)
         run.scheduler.step()
         return {"loss": loss, "skipped": 1.0}
     what = f"the loss became {loss} at global_step {step}"
-    if t.on_nan == "stop" or run.nan_reloads >= t.on_nan_max_reloads:
+    if t.on_nan == "stop" or run.state.nan_reloads >= t.on_nan_max_reloads:
         if t.on_nan == "reload":
-            what += f" again after {run.nan_reloads} reloads (train.on_nan_max_reloads)"
+            what += f" again after {run.state.nan_reloads} reloads (train.on_nan_max_reloads)"
         raise TrainingError(f"{what}; {_what_now(run)}")
     path = from_main(run.world, partial(_newest_step_checkpoint, run))
     if path is None:
@@ -147,10 +147,10 @@ def on_non_finite(run: Run, loss: float) -> dict[str, float] | None:
             "train.on_nan = skip or stop"
         )
     base_lr = run.scheduler.base_lrs[0] * t.on_nan_lr_factor  # lower again at each reload
-    run.nan_reloads += 1
+    run.state.nan_reloads += 1
     log.warning("%s: reloading %s with base lr %g", what, path.name, base_lr)
     reason = (
-        f"{what} (train.on_nan = reload {run.nan_reloads} of at most "
+        f"{what} (train.on_nan = reload {run.state.nan_reloads} of at most "
         f"{t.on_nan_max_reloads}, lr x {t.on_nan_lr_factor})"
     )
     ckpt = load_checkpoint(path)

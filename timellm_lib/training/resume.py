@@ -138,12 +138,12 @@ def restore(
             path.name,
             missing_es,
         )
-    run.global_step = ckpt["global_step"]
+    run.state.global_step = ckpt["global_step"]
     # the lr of the step before the checkpoint (LambdaLR: base lr x factor of that step), for
     # events written before this continuation's first step (a test event after final.pt)
     scheduler = run.scheduler
     last = scheduler.last_epoch - 1
-    run.step_lr = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](last) if last >= 0 else None
+    run.state.step_lr = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](last) if last >= 0 else None
     lr_before = run.lr
     _change_lr(run, changes, base_lr, reset_scheduler)
     counter_before = run.stopper.counter
@@ -192,7 +192,7 @@ def _change_lr(
         for group in run.optimizer.param_groups:
             group["initial_lr"] = t.lr
         run.scheduler = build_scheduler(
-            run.optimizer, t, run.train_steps, run.total_steps, origin=run.global_step
+            run.optimizer, t, run.train_steps, run.total_steps, origin=run.state.global_step
         )
     elif base_lr is not None:
         factor = run.scheduler.lr_lambdas[0](run.scheduler.last_epoch)
@@ -236,7 +236,7 @@ def _reopen_run_dir(
     remove_temp_files(run.ckpt_dir)
     if (run.ckpt_dir / "best.pt").is_file():
         best = load_checkpoint(run.ckpt_dir / "best.pt", peek=True)
-        run.best_companion = best["resume_from"]
+        run.state.best_companion = best["resume_from"]
     if run.metrics:  # a reload within the run: the log file is about to be replaced
         run.metrics.close()
     in_run_dir = path.parent.name == "checkpoints"
@@ -262,7 +262,7 @@ def _reopen_run_dir(
     log.info(
         "resumed from %s at global_step %d (epoch %d, step %d)",
         path,
-        run.global_step,
+        run.state.global_step,
         pos.epoch,
         pos.step_in_epoch,
     )
@@ -275,7 +275,7 @@ def _restore_rng(run: Run, ckpt: dict[str, Any]) -> None:
     if run.world.rank < len(states):
         restore_rng_state(states[run.world.rank])
     else:
-        seed_rank(run.cfg.train.seed, run.world.rank, run.global_step)
+        seed_rank(run.cfg.train.seed, run.world.rank, run.state.global_step)
 
 
 def _load_training_state(run: Run, ckpt: dict[str, Any]) -> None:
@@ -304,20 +304,20 @@ def _discard_newer(run: Run, path: Path) -> tuple[list[str], Path | None]:
     from them, to ``discarded/after_step_<N>_<time>/`` with a copy of the log: they belong to
     the abandoned continuation and --resume auto must never pick them up, but nothing a user
     may want back is deleted. Returns the names moved and where to (None: nothing moved)."""
-    newer = [p for step, p in step_files(run.ckpt_dir) if step > run.global_step]
+    newer = [p for step, p in step_files(run.ckpt_dir) if step > run.state.global_step]
     for name in ("final.pt", "best.pt"):
         other = run.ckpt_dir / name
         if other.is_file() and other != path:
             try:
-                if load_checkpoint(other, peek=True)["global_step"] > run.global_step:
+                if load_checkpoint(other, peek=True)["global_step"] > run.state.global_step:
                     newer.append(other)
             except CheckpointError:
                 newer.append(other)
     if not newer:
         return [], None
-    newer += [p for p in run.run_dir.glob("eval_*.json") if _scored_step(p) > run.global_step]
+    newer += [p for p in run.run_dir.glob("eval_*.json") if _scored_step(p) > run.state.global_step]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    aside = run.run_dir / "discarded" / f"after_step_{run.global_step:08d}_{stamp}"
+    aside = run.run_dir / "discarded" / f"after_step_{run.state.global_step:08d}_{stamp}"
     aside.mkdir(parents=True)
     log_file = run.run_dir / "metrics.jsonl"
     if log_file.is_file():

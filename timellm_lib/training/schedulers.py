@@ -1,35 +1,6 @@
-"""Learning-rate schedules, all as one ``LambdaLR`` stepped once per optimizer step.
-
-Every schedule is a multiplier of the base lr that depends only on how many optimizer steps
-the scheduler has taken. Epoch-based schedules turn that count into an epoch with
-``train_steps`` (optimizer steps per epoch), so there is one code path and the resumable state
-is the step count plus the few numbers of :class:`Schedule` (``LambdaLR.state_dict`` stores the
-attributes of a callable object, so they travel in the checkpoint too).
-
-Multipliers, with ``s`` the step, ``e = s // train_steps`` the epoch (from 0), ``T`` the steps
-the schedule spans:
-
-- ``constant``: 1
-- ``step``: ``gamma ** (e // step_size)``
-- ``cosine``: ``0.5 * (1 + cos(pi * s / T))``, from 1 down to 0 over the run
-- ``onecycle``: the lr shape of ``torch.optim.lr_scheduler.OneCycleLR`` (cosine warm-up from
-  lr/25 to lr over ``pct_start * T`` steps, then cosine annealing to lr/(25 * 1e4));
-  momentum is not cycled
-- ``type1``: halve every epoch, ``0.5 ** e``
-- ``type3``: 1 for the first three epochs, then ``0.9 ** (e - 2)``
-- ``published_type1`` / ``published_type3``: what the published ``run_main.py`` really does
-  with ``lradj=type1`` / ``type3``. It builds a ``OneCycleLR`` (max_lr = lr) that it never
-  steps, but whose constructor sets the optimizer's lr to lr/25 and Adam's beta1 to 0.95;
-  after epoch 0 it takes that lr/25 as its base lr and applies its rule at each epoch end.
-  So epoch ``e`` trains at ``lr / 25 * r(max(e, 1))`` with ``r(n) = 0.5 ** (n - 1)``
-  (type1) or ``1 if n < 3 else 0.9 ** (n - 3)`` (type3), and beta1 is 0.95 throughout:
-  ``lr = 0.01`` trains epochs 0 and 1 at 4e-4, epoch 2 at 2e-4. The plain ``type1`` and
-  ``type3`` above apply the halving/decay to the configured lr directly, from epoch 1 on.
-
-A schedule can be rebuilt at a later global step (``--resume-reset-scheduler``): it then starts
-over, with step 0 at that global step, spans the remaining steps, and counts epochs from the
-epoch that step lies in (epoch boundaries stay those of the data).
-"""
+"""Learning-rate schedules as one ``LambdaLR`` stepped once per optimizer step: a multiplier
+of the base lr that depends only on the step count, so the resumable state is that count plus
+the plain attributes of :class:`Schedule`."""
 
 from __future__ import annotations
 
@@ -60,6 +31,7 @@ class Schedule:
         self.pct_start = cfg.pct_start
 
     def __call__(self, step: int) -> float:
+        # epochs count from the epoch the schedule started in; their boundaries stay the data's
         epoch = (self.origin + step) // self.train_steps - self.origin // self.train_steps
         progress = min(step / self.total_steps, 1.0)
         if self.kind == "constant":
@@ -75,12 +47,16 @@ class Schedule:
         if self.kind == "type3":
             return 1.0 if epoch < 3 else 0.9 ** (epoch - 2)
         if self.kind in ("published_type1", "published_type3"):
+            # what the published run_main.py really runs: its never-stepped OneCycleLR's
+            # constructor sets lr/25 (and beta1 0.95, see build_scheduler), which it then
+            # takes as its base lr and decays from epoch 1 on (lr=0.01: 4e-4, 4e-4, 2e-4, ...)
             n = max(epoch, 1)  # epoch 0 and epoch 1 both train at the constructor's lr/25
             rule = 0.5 ** (n - 1) if self.kind == "published_type1" else 0.9 ** max(n - 3, 0)
             return rule / ONECYCLE_DIV
         raise ValueError(f"unknown scheduler {self.kind!r}")  # config validation prevents this
 
     def _onecycle(self, step: int) -> float:
+        """OneCycleLR's lr shape (cosine warm-up, then cosine annealing); momentum not cycled."""
         warmup = max(int(self.pct_start * self.total_steps), 1)
         start, peak = 1.0 / ONECYCLE_DIV, 1.0
         end = start / ONECYCLE_FINAL_DIV
@@ -98,8 +74,9 @@ def _cosine_between(a: float, b: float, fraction: float) -> float:
 def build_scheduler(
     optimizer: Optimizer, cfg: TrainConfig, train_steps: int, total_steps: int, origin: int = 0
 ) -> LambdaLR:
-    """A LambdaLR whose step 0 is global step ``origin``; cosine and onecycle span the
-    ``total_steps - origin`` steps that remain. The published schedules also set beta1 as the
+    """A LambdaLR whose step 0 is global step ``origin`` (``--resume-reset-scheduler`` starts
+    the schedule over there); cosine and onecycle span the ``total_steps - origin`` steps that
+    remain. The published schedules also set beta1 as the
     published code's unstepped OneCycleLR does (the optimizer's state_dict keeps it)."""
     if cfg.scheduler.startswith("published_"):
         for group in optimizer.param_groups:

@@ -71,8 +71,20 @@ class TrainResult:
 
 
 @dataclass
+class RunState:
+    """What changes while the run trains (the rest of :class:`Run` is built once)."""
+
+    global_step: int = 0
+    last_saved_step: int = -1
+    best_companion: str | None = None  # step checkpoint best.pt resumes from
+    interrupted: bool = False  # a stop signal arrived: end after this step, with a checkpoint
+    nan_reloads: int = 0  # train.on_nan = reload: reloads done by this process
+    step_lr: float | None = None  # the lr the last optimizer step of this process used
+
+
+@dataclass
 class Run:
-    """The live pieces of one run, passed to the helpers of the loop."""
+    """The pieces of one run, built once by setup, and its :class:`RunState`."""
 
     cfg: Config
     run_dir: Path
@@ -89,15 +101,10 @@ class Run:
     train_steps: int
     total_steps: int
     signals: StopSignals
+    state: RunState = field(default_factory=RunState)
     # what the training forward calls: DDP's wrapper of model in a distributed run, else model
     forward_model: nn.Module | None = None
-    global_step: int = 0
-    last_saved_step: int = -1
-    best_companion: str | None = None  # step checkpoint best.pt resumes from
-    interrupted: bool = False  # a stop signal arrived: end after this step, with a checkpoint
-    nan_reloads: int = 0  # train.on_nan = reload: reloads done by this process
     progress: bool = False  # progress bars (training, validation, test) on this process
-    step_lr: float | None = None  # the lr the last optimizer step of this process used
     on_event: Callable[[dict[str, Any]], None] | None = None  # e.g. a notebook's live plot
 
     @property
@@ -111,14 +118,16 @@ class Run:
     @property
     def position(self) -> Position:
         """Where the next optimizer step is."""
-        return Position.at(self.global_step, self.train_steps)
+        return Position.at(self.state.global_step, self.train_steps)
 
     @property
     def last_step(self) -> Position:
         """Where the last optimizer step done is: its epoch and that epoch's steps done, so an
         epoch end reads (e, train_steps) where :attr:`position` reads (e + 1, 0)."""
-        epoch = Position.at(max(self.global_step - 1, 0), self.train_steps).epoch
-        return Position(self.global_step, epoch, self.global_step - epoch * self.train_steps)
+        epoch = Position.at(max(self.state.global_step - 1, 0), self.train_steps).epoch
+        return Position(
+            self.state.global_step, epoch, self.state.global_step - epoch * self.train_steps
+        )
 
     @property
     def lr(self) -> float:
@@ -134,9 +143,9 @@ class Run:
         if epoch is None:
             epoch = self.last_step.epoch
         known = {
-            "global_step": self.global_step,
+            "global_step": self.state.global_step,
             "epoch": epoch,
-            "lr": self.lr if self.step_lr is None else self.step_lr,
+            "lr": self.lr if self.state.step_lr is None else self.state.step_lr,
             "best_score": self.stopper.best_score,
             "counter": self.stopper.counter,
         }

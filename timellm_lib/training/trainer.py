@@ -8,12 +8,13 @@ optimizer steps, after everything the step triggers (at an epoch end: step -> va
 EarlyStopping -> best.pt -> step checkpoint), with the RNG states of that moment. Under
 torchrun every process runs this code; whatever happens once is done by rank 0 while the
 others wait for its outcome. Setup is in :mod:`~timellm_lib.training.setup`, resuming in
-:mod:`~timellm_lib.training.resume`, the fault policies in :mod:`~timellm_lib.training.faults`.
+:mod:`~timellm_lib.training.resume`, the fault policies in :mod:`~timellm_lib.training.faults`,
+what rank 0 writes (checkpoint dicts, best.pt, eval_test.json) in
+:mod:`~timellm_lib.training.saving`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -35,9 +36,6 @@ from timellm_lib.models.output import as_forecast
 from timellm_lib.training.checkpoint import (
     load_checkpoint,
     load_model_weights,
-    rotate_step_checkpoints,
-    save_checkpoint,
-    step_files,
     step_name,
 )
 from timellm_lib.training.distributed import (
@@ -49,10 +47,10 @@ from timellm_lib.training.distributed import (
     window_mean,
     wrap_model,
 )
-from timellm_lib.training.faults import describe_write_error, on_non_finite, write_fix
+from timellm_lib.training.faults import on_non_finite
 from timellm_lib.training.resume import find_start, restore
 from timellm_lib.training.rng import capture_rng_state
-from timellm_lib.training.schema import FORMAT_VERSION
+from timellm_lib.training.saving import MainWriter
 from timellm_lib.training.setup import (
     amp_dtype,
     build_run,
@@ -66,8 +64,6 @@ from timellm_lib.training.state import (
     Run,
     TrainingError,
     TrainResult,
-    backbone_record,
-    relative,
 )
 
 log = logging.getLogger(__name__)
@@ -118,7 +114,7 @@ def train(
         run.progress = progress and world.is_main
         with torch_threads(t.threads):
             _loop(run, loader, end_step, run.progress)
-            finished = run.global_step >= run.total_steps or run.stopper.should_stop
+            finished = run.state.global_step >= run.total_steps or run.stopper.should_stop
             test = _finish(run) if finished else None
         if run.metrics:
             run.metrics.close()
@@ -128,14 +124,14 @@ def train(
 def _result(
     run: Run, finished: bool, test: dict[str, Any] | None, ckpt_path: Path | None
 ) -> TrainResult:
-    stopped_early = finished and run.global_step < run.total_steps
+    stopped_early = finished and run.state.global_step < run.total_steps
     if finished:
         status = "stopped early" if stopped_early else "finished"
     else:
-        status = "interrupted" if run.interrupted else "paused"
+        status = "interrupted" if run.state.interrupted else "paused"
     return TrainResult(
         run_dir=run.run_dir,
-        global_step=run.global_step,
+        global_step=run.state.global_step,
         epoch=run.position.epoch,
         finished=finished,
         stopped_early=stopped_early,
@@ -147,111 +143,59 @@ def _result(
 
 
 def _loop(run: Run, loader: ResumableLoader, end_step: int, progress: bool) -> None:
-    """Optimizer steps from run.global_step until end_step, an EarlyStopping stop or a stop
+    """Optimizer steps from run.state.global_step until end_step, an EarlyStopping stop or a stop
     signal."""
     t, train_steps, ga = run.cfg.train, run.train_steps, run.cfg.train.grad_accum
     # all of the run's steps (a resumed run starts at its position); the rate is that of
     # training steps alone: validation and saves have their own bars and are left out
     bar = tqdm(
         total=run.total_steps,
-        initial=run.global_step,
+        initial=run.state.global_step,
         disable=not progress,
         desc="train (ETA excl. eval)",
         unit="step",
     )
     run.model.train()
-    while run.global_step < end_step and not run.stopper.should_stop and not run.interrupted:
+    while (
+        run.state.global_step < end_step
+        and not run.stopper.should_stop
+        and not run.state.interrupted
+    ):
         start = run.position
         batches = loader.epoch(start.epoch, start=start.step_in_epoch * ga, stop=train_steps * ga)
         for _ in range(start.step_in_epoch, train_steps):
             lr = run.lr
-            warmup = min(1.0, run.global_step / t.aux_warmup_steps) if t.aux_warmup_steps else 1.0
+            warmup = (
+                min(1.0, run.state.global_step / t.aux_warmup_steps) if t.aux_warmup_steps else 1.0
+            )
             stats = _optimizer_step(run, [next(batches) for _ in range(ga)], warmup)
             if stats is None:  # non-finite loss, last checkpoint reloaded: go on from there
-                bar.n = run.global_step
+                bar.n = run.state.global_step
                 break
-            run.global_step += 1
-            run.step_lr = lr
+            run.state.global_step += 1
+            run.state.step_lr = lr
             bar.update(1)
-            if run.global_step % t.log_steps == 0 or "skipped" in stats:
+            if run.state.global_step % t.log_steps == 0 or "skipped" in stats:
                 run.event("train", lr=lr, aux_warmup=warmup, **stats)
                 bar.set_postfix(loss=f"{stats['loss']:.4g}")
             if any_rank(run.world, run.signals.received is not None):
-                run.interrupted = True  # every rank stops after this same step
+                run.state.interrupted = True  # every rank stops after this same step
                 run.event("interrupt", signal=run.signals.received)
 
             end_of_epoch = run.position.step_in_epoch == 0
-            if end_of_epoch or (t.eval_steps and run.global_step % t.eval_steps == 0):
+            if end_of_epoch or (t.eval_steps and run.state.global_step % t.eval_steps == 0):
                 _validate(run)  # -> val event, EarlyStopping, best.pt + its companion
-            stop = run.stopper.should_stop or run.global_step >= end_step or run.interrupted
-            if end_of_epoch or stop or (t.save_steps and run.global_step % t.save_steps == 0):
+            stop = (
+                run.stopper.should_stop
+                or run.state.global_step >= end_step
+                or run.state.interrupted
+            )
+            if end_of_epoch or stop or (t.save_steps and run.state.global_step % t.save_steps == 0):
                 _save_step(run)
             bar.unpause()  # the time of validation and saves is not a training step's
             if stop:
                 break
     bar.close()
-
-
-def checkpoint_payload(
-    run: Run, kind: str, rng_states: list[dict[str, Any]] | None = None
-) -> dict[str, Any]:
-    """The checkpoint dict: flat, readable, loadable with ``torch.load(weights_only=True)``.
-
-    ``rng_states``: every rank's RNG state in rank order (a distributed run gathers them);
-    by default this process's.
-    """
-    rng_states = rng_states or [capture_rng_state()]
-    pos = run.position
-    return {
-        "format_version": FORMAT_VERSION,
-        "kind": kind,  # step | final
-        "global_step": run.global_step,
-        "epoch": pos.epoch,
-        "step_in_epoch": pos.step_in_epoch,
-        "train_steps": run.train_steps,
-        "model": run.model.state_dict(),  # trainable weights + buffers, no frozen backbone
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "scaler": run.scaler.state_dict() if run.scaler else None,
-        "ema": run.ema.state_dict() if run.ema else None,
-        "early_stopping": run.stopper.state_dict(),
-        "rng": rng_states[0],
-        "rng_other_ranks": rng_states[1:],
-        "world_size": run.world.size,
-        "sampler": {
-            "seed": run.cfg.train.seed,
-            "epoch": pos.epoch,
-            "position": pos.step_in_epoch * run.cfg.train.grad_accum,  # micro-batches consumed
-        },
-        "config": run.cfg.to_dict(),
-        "backbone": backbone_record(run.cfg, run.model),
-        "data": run.datasets.inference_state(),  # scaler and channels: predict needs no data
-        "metrics_lines": run.metrics.lines,
-        "lr": run.lr,
-    }
-
-
-def best_payload(run: Run) -> dict[str, Any]:
-    """best.pt: for inference (no optimizer); ``resume_from`` names its resumable companion."""
-    weights = run.model.state_dict()
-    if run.ema and run.cfg.train.eval_with_ema:
-        weights = run.ema.averaged_state_dict(run.model)
-    pos = run.position
-    return {
-        "format_version": FORMAT_VERSION,
-        "kind": "best",
-        "global_step": run.global_step,
-        "epoch": pos.epoch,
-        "step_in_epoch": pos.step_in_epoch,
-        "train_steps": run.train_steps,
-        "model": weights,
-        "early_stopping": run.stopper.state_dict(),
-        "config": run.cfg.to_dict(),
-        "backbone": backbone_record(run.cfg, run.model),
-        "data": run.datasets.inference_state(),  # scaler and channels: predict needs no data
-        "lr": run.lr,
-        "resume_from": step_name(run.global_step),
-    }
 
 
 def _optimizer_step(run: Run, micro_batches: list, warmup: float) -> dict[str, float] | None:
@@ -373,65 +317,19 @@ def _save_best(run: Run) -> None:
     newer than every step checkpoint, which the resume discards and the replay rewrites; the
     other order could leave a step checkpoint whose EarlyStopping state points to a best.pt
     that was never written."""
-
-    def write() -> None:
-        run.event("save", kind="best", path="checkpoints/best.pt")
-        _write_checkpoint(run, run.ckpt_dir / "best.pt", best_payload(run))
-
-    on_main(run.world, write)
-    run.best_companion = step_name(run.global_step)
+    MainWriter(run).best()
+    run.state.best_companion = step_name(run.state.global_step)
     _save_step(run)
 
 
 def _save_step(run: Run, kind: str = "step") -> None:
     """Write step_<global_step>.pt (once per step) or final.pt, then rotate step files.
-
-    Every rank takes part: its RNG state goes into the file, and it waits until rank 0 has
-    written (and fsynced) it. The save event is logged first so the checkpoint's
-    metrics_lines includes it.
-    """
-    if kind == "step" and run.last_saved_step == run.global_step:
+    Every rank takes part: its RNG state goes into the file."""
+    if kind == "step" and run.state.last_saved_step == run.state.global_step:
         return
-    name = step_name(run.global_step) if kind == "step" else "final.pt"
     rng_states = gather_to_main(run.world, capture_rng_state())
-
-    def write() -> bool:
-        steps_done = run.last_step.step_in_epoch  # train_steps at an epoch end
-        run.event("save", kind=kind, path=f"checkpoints/{name}", step_in_epoch=steps_done)
-        payload = checkpoint_payload(run, kind, rng_states)
-        if not _write_checkpoint(run, run.ckpt_dir / name, payload):
-            return False
-        if kind == "step":
-            protect = {name} | ({run.best_companion} if run.best_companion else set())
-            rotate_step_checkpoints(run.ckpt_dir, run.cfg.train.save_total_limit, protect)
-        return True
-
-    if from_main(run.world, write) and kind == "step":
-        run.last_saved_step = run.global_step
-
-
-def _write_checkpoint(run: Run, path: Path, payload: dict[str, Any]) -> bool:
-    """Save ``payload``; on a failed write (disk full, no permission) stop with a
-    TrainingError or, with ``train.on_save_error = continue``, log it and return False.
-    Either way the earlier checkpoints are intact (atomic writes) and none is rotated away."""
-    try:
-        save_checkpoint(path, payload)
-        return True
-    except OSError as err:
-        files = step_files(run.ckpt_dir)
-        intact = f"newest: {files[-1][1].name}" if files else "there are none yet"
-        message = (
-            f"checkpoint not saved: {describe_write_error(err, path)}; the earlier "
-            f"checkpoints are intact ({intact})"
-        )
-        if run.cfg.train.on_save_error == "stop":
-            raise TrainingError(
-                f"{message}. {write_fix(err).capitalize()}, then continue with --resume auto "
-                "(or set train.on_save_error=continue to train on when a save fails)"
-            ) from err
-        log.warning("%s; training goes on (train.on_save_error = continue)", message)
-        run.event("save_error", path=relative(path, run.run_dir), error=str(err))
-        return False
+    if MainWriter(run).checkpoint(kind, rng_states) and kind == "step":
+        run.state.last_saved_step = run.state.global_step
 
 
 def _finish(run: Run) -> dict[str, Any]:
@@ -449,17 +347,8 @@ def _finish(run: Run) -> dict[str, Any]:
         metrics = _evaluate(run, test, with_ema=False, progress="test", published_batch=batch)
     else:  # only after resuming from before a discarded best.pt without a new improvement
         log.warning("no best.pt; evaluating the test split with the final weights")
-        used, at_step = "final.pt", run.global_step
+        used, at_step = "final.pt", run.state.global_step
         metrics = _evaluate(run, test, with_ema=True, progress="test", published_batch=batch)
     result = {"split": "test", **metrics, "checkpoint": used, "checkpoint_global_step": at_step}
-
-    def write() -> None:
-        write_text_atomic(run.run_dir / "eval_test.json", _json(result))
-        run.event("test", **{k: v for k, v in result.items() if k != "split"})
-
-    on_main(run.world, write)
+    MainWriter(run).test_result(result)
     return result
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, indent=2) + "\n"
