@@ -6,6 +6,7 @@ uninterrupted one (same final digests, same logged losses, same test metrics).""
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import random
@@ -15,7 +16,14 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from trainer_helpers import assert_same_run, cli, comparable_events, set_args, tiny_overrides
+from trainer_helpers import (
+    assert_same_run,
+    cli,
+    comparable_events,
+    digests,
+    set_args,
+    tiny_overrides,
+)
 
 from timellm_lib.cli import main as cli_main
 from timellm_lib.config import load_config
@@ -162,3 +170,46 @@ def test_sigkill_at_random_moments_then_resume_auto(tmp_path):
     assert resumes, "the final process did not resume"
     assert not list((run / "checkpoints").glob(".*.tmp"))  # leftovers removed on resume
     assert_same_run(run, reference)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["train.scheduler=published_type1"], ["train.scheduler=type1", "data.sample_unit=channel"]],
+    ids=["published_type1", "type1-channel-samples"],
+)
+def test_a_finished_run_continued_with_more_epochs_is_the_longer_run(tmp_path, extra):
+    """train.epochs may change on resume: where the schedule depends on the epoch only, a
+    finished 2-epoch run continued to 4 epochs ends bit-identical to a 4-epoch run (a study
+    may extend a run instead of training it again)."""
+    overrides = tiny_overrides(tmp_path, "train.patience=10", *extra)
+    short = load_config(overrides=[*overrides, "train.epochs=2"])
+    long = load_config(overrides=[*overrides, "train.epochs=4"])
+    assert train(short, run_dir=tmp_path / "extended", progress=False).finished
+    result = train(long, run_dir=tmp_path / "extended", resume="auto", progress=False)
+    assert result.finished and result.resumed_from.endswith("final.pt")
+    assert result.global_step == train(long, tmp_path / "reference", progress=False).global_step
+
+    extended, reference = tmp_path / "extended", tmp_path / "reference"
+    assert digests(extended / "checkpoints/final.pt") == digests(reference / "checkpoints/final.pt")
+    assert (extended / "eval_test.json").read_text() == (reference / "eval_test.json").read_text()
+    steps = [e for e in comparable_events(extended) if e["event"] != "test"]
+    assert steps == [e for e in comparable_events(reference) if e["event"] != "test"]
+
+
+def test_more_epochs_on_resume_make_a_cosine_schedule_span_the_new_length(tmp_path, caplog):
+    """Cosine spans the whole run: continued from 2 to 4 epochs, it follows the 4-epoch
+    schedule from the resume on (the lr jumps there, and the log says so)."""
+    overrides = tiny_overrides(tmp_path, "train.patience=10", "train.scheduler=cosine")
+    train(load_config(overrides=[*overrides, "train.epochs=2"]), tmp_path / "a", progress=False)
+    long = load_config(overrides=[*overrides, "train.epochs=4"])
+    with caplog.at_level(logging.WARNING, logger="timellm_lib"):
+        train(long, run_dir=tmp_path / "a", resume="auto", progress=False)
+    assert "the cosine schedule now spans 28 steps" in caplog.text
+    train(long, run_dir=tmp_path / "b", progress=False)
+
+    def lrs_after_resume(run_dir):
+        events = read_metrics(run_dir / "metrics.jsonl")
+        return [(e["global_step"], e["lr"]) for e in events if e["event"] == "train"][14:]
+
+    extended, reference = lrs_after_resume(tmp_path / "a"), lrs_after_resume(tmp_path / "b")
+    assert extended == reference and len(extended) == 14

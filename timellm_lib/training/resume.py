@@ -145,6 +145,8 @@ def restore(
     last = scheduler.last_epoch - 1
     run.state.step_lr = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](last) if last >= 0 else None
     lr_before = run.lr
+    if "train.epochs" in changes and not reset_scheduler:
+        _span_new_length(run, *changes["train.epochs"])
     _change_lr(run, changes, base_lr, reset_scheduler)
     counter_before = run.stopper.counter
     if counter is not None:
@@ -179,6 +181,29 @@ def _check_fits(run: Run, path: Path, ckpt: dict[str, Any]) -> None:
             f"{path.name} belongs to backbone {saved.get('name')!r} (fingerprint "
             f"{saved.get('fingerprint')}), but this model's backbone is {current.get('name')!r} "
             f"(fingerprint {current.get('fingerprint')}); use the backbone it was trained with"
+        )
+
+
+def _span_new_length(run: Run, old_epochs: int, new_epochs: int) -> None:
+    """train.epochs changed: from here the schedule is the new length's, so a finished run
+    continued for more epochs ends as the longer run would (bit for bit where the lr depends
+    on the epoch only; cosine and onecycle, which span the whole run, change their lr now)."""
+    scheduler, schedule = run.scheduler, run.scheduler.lr_lambdas[0]
+    before = schedule(scheduler.last_epoch)
+    schedule.total_steps = max(run.total_steps - schedule.origin, 1)
+    after = schedule(scheduler.last_epoch)
+    for group, base in zip(run.optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base * after
+    if after != before:
+        log.warning(
+            "train.epochs changed from %s to %s: the %s schedule now spans %d steps and its lr "
+            "goes from %.4g to %.4g at this step (--resume-reset-scheduler starts it over)",
+            old_epochs,
+            new_epochs,
+            schedule.kind,
+            schedule.total_steps,
+            scheduler.base_lrs[0] * before,
+            scheduler.base_lrs[0] * after,
         )
 
 
