@@ -17,7 +17,12 @@ from trainer_helpers import REPO_ROOT, cli, tiny_config
 from timellm_lib.config import ConfigError, config_from_dict, load_config
 from timellm_lib.data import build_datasets
 from timellm_lib.data.sampler import Shard
-from timellm_lib.evaluation.inference import evaluate_checkpoint
+from timellm_lib.errors import WorkbenchError
+from timellm_lib.evaluation.inference import (
+    evaluate_checkpoint,
+    evaluate_loaded,
+    load_for_inference,
+)
 from timellm_lib.evaluation.metrics import (
     SeriesErrors,
     evaluate,
@@ -28,7 +33,7 @@ from timellm_lib.models import build_model, model_params
 from timellm_lib.models.layers import RevIN
 from timellm_lib.models.prompt import prompt_head, prompt_statistics, prompt_tails
 from timellm_lib.models.timellm import TimeLLM
-from timellm_lib.training import train
+from timellm_lib.training import TrainingError, train
 from timellm_lib.training.checkpoint import CheckpointError
 
 SEQ = 32
@@ -263,3 +268,20 @@ def test_published_metric_of_shards_equals_the_whole_split(tmp_path):
         k: v for k, v in whole.items() if k not in ("mse", "mae")
     }
     assert whole["n_series_dropped"] == len(datasets.test) * datasets.n_out % batch
+
+
+def test_a_published_metric_that_would_drop_every_test_series_is_refused_before_training(
+    tmp_path,
+):
+    """Found at the start, not when the final test runs after the whole training."""
+    cfg = tiny_config(tmp_path, "data.batch_size=200", "data.test_metric=published")
+    with pytest.raises(TrainingError, match="drops every test series"):
+        train(cfg, run_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run/checkpoints").exists()
+    # a run trained with every_window, its checkpoint scored as published: a sentence
+    train(tiny_config(tmp_path, "data.batch_size=200"), run_dir=tmp_path / "ok", progress=False)
+    loaded = load_for_inference(
+        tmp_path / "ok/checkpoints/best.pt", overrides=["data.test_metric=published"]
+    )
+    with pytest.raises(WorkbenchError, match="drops every test series"):
+        evaluate_loaded(loaded, "test", write=False)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from timellm_lib.config import DataConfig
 from timellm_lib.data.sampler import Shard, Windows, eval_batches
+from timellm_lib.errors import WorkbenchError
 from timellm_lib.models.output import as_forecast
 
 
@@ -123,8 +124,8 @@ class SeriesErrors:
         sse, sae = np.concatenate(self.sse).T.ravel(), np.concatenate(self.sae).T.ravel()
         kept = len(sse) // series_per_batch * series_per_batch
         if kept == 0:
-            raise ValueError(
-                f"data.test_metric = published drops every series: {len(sse)} series are fewer "
+            raise WorkbenchError(
+                f"data.test_metric = published drops every test series: {len(sse)} series are fewer "
                 f"than one batch of {series_per_batch}; lower data.batch_size or use "
                 "data.test_metric=every_window"
             )

@@ -18,6 +18,7 @@ from timellm_lib.config import Config
 from timellm_lib.data import build_datasets
 from timellm_lib.data.sampler import ResumableLoader
 from timellm_lib.data.windows import training_samples
+from timellm_lib.evaluation.metrics import published_test_batch
 from timellm_lib.models import TrainableModel, build_model
 from timellm_lib.training.distributed import World, distributed_session, from_main, on_main
 from timellm_lib.training.early_stopping import EarlyStopping
@@ -200,6 +201,14 @@ def _check_split_sizes(cfg: Config, datasets: Any, world: World) -> None:
                 f"the {split} split has {len(getattr(datasets, split))} windows, fewer than "
                 f"the {k} processes that share its evaluation; use more data or fewer processes"
             )
+    published = published_test_batch(cfg.data, datasets.n_out)
+    series = len(datasets.test) * datasets.n_out
+    if published and series < published:
+        raise TrainingError(  # found now, not after training, when the final test would fail
+            f"data.test_metric = published drops every test series: {series} series are fewer "
+            f"than one batch of {published}; lower data.batch_size or use "
+            "data.test_metric=every_window"
+        )
 
 
 def pick_device(name: str) -> torch.device:
