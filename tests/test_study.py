@@ -223,3 +223,63 @@ def test_cost_of_a_step_counts_the_series_the_trainer_draws(tmp_path, repo_root,
     )
     assert per_series["gflop_per_step"] == pytest.approx(per_window["gflop_per_step"], rel=0.05)
     assert per_series["trainable_params"] == per_window["trainable_params"]
+
+
+def continued_plan(**longer: object) -> dict:
+    """DLinear for 1 epoch, the same for 3 epochs starting from it, and 3 epochs from scratch."""
+    common = ["model.name=dlinear", "train.scheduler=type1", "train.patience=10"]
+    return {
+        **PLAN,
+        "seeds": [1],
+        "rows": [
+            {"name": "long", "overrides": ["train.epochs=3"], "continues": "short", **longer},
+            {"name": "short", "overrides": ["train.epochs=1"]},
+            {"name": "reference", "overrides": ["train.epochs=3"]},
+        ],
+        "overrides": [*PLAN["overrides"], *common],
+    }
+
+
+def test_a_row_that_continues_a_shorter_one_starts_from_its_finished_run(tmp_path, repo_root):
+    """`continues: short` trains after `short`, copies its finished run and resumes it with
+    more epochs: the numbers of training the long row from scratch, at a fraction of the cost,
+    and the short row's run is left as it was."""
+    args = ["study", str(write_plan(tmp_path, continued_plan())), *data_override(tmp_path)]
+    out = tmp_path / "out"
+    done = subprocess.run(
+        timellm(*args, "--out", str(out), "--no-progress"),
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "starts from short's finished run" in done.stdout
+    assert done.stdout.index("] short seed 1") < done.stdout.index("] long seed 1")
+    results = json.loads((out / "results.json").read_text())
+    by_row = {row: values for (row, _seed), values in accuracy(results).items()}
+    assert by_row["long"] == by_row["reference"] != by_row["short"]
+    runs = out / "runs"
+    final = [
+        describe_checkpoint(runs / f"{r}/seed1/checkpoints/final.pt") for r in ("long", "reference")
+    ]
+    assert final[0]["resume_digest"] == final[1]["resume_digest"]
+    short_final = describe_checkpoint(runs / "short/seed1/checkpoints/final.pt")
+    assert short_final["global_step"] < final[0]["global_step"]
+
+
+@pytest.mark.parametrize(
+    "longer, why",
+    [
+        ({"continues": "nope"}, "must name another row"),
+        ({"overrides": ["train.epochs=3", "train.lr=0.5"]}, "differ from it only by more"),
+        ({"overrides": ["train.epochs=1"]}, "differ from it only by more"),
+        ({"overrides": ["train.epochs=3", "train.scheduler=cosine"]}, "epoch only"),
+    ],
+)
+def test_continues_is_refused_unless_the_row_is_the_same_run_with_more_epochs(
+    tmp_path, repo_root, monkeypatch, longer, why
+):
+    monkeypatch.chdir(repo_root)
+    with pytest.raises(study.StudyError, match=why):
+        study.load_plan(write_plan(tmp_path, continued_plan(**longer)))

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import time
@@ -30,7 +31,10 @@ from timellm_lib.training.faults import StopSignals
 log = logging.getLogger(__name__)
 
 PLAN_KEYS = {"name", "description", "config", "overrides", "seeds", "rows"}
-ROW_KEYS = {"name", "description", "config", "overrides", "seeds", "published"}
+ROW_KEYS = {"name", "description", "config", "overrides", "seeds", "published", "continues"}
+# schedules whose lr depends on the epoch only: a finished shorter run continued for more
+# epochs ends bit-identical to the longer run (see timellm_lib.training.resume)
+EPOCH_ONLY_SCHEDULES = {"constant", "step", "type1", "type3", "published_type1", "published_type3"}
 PUBLISHED_KEYS = {"mse", "mae", "source", "note"}
 
 
@@ -49,6 +53,7 @@ class Row:
     seeds: tuple[int, ...]
     published: dict[str, Any]
     configs: dict[int, Config] = field(compare=False, hash=False)
+    continues: str | None = None  # an earlier row this one extends by more epochs
 
 
 @dataclass(frozen=True)
@@ -119,9 +124,45 @@ def load_plan(path: str | Path, cli_overrides: list[str] | None = None) -> Plan:
                 seeds=seeds,
                 published=published,
                 configs=configs,
+                continues=entry.get("continues"),
             )
         )
+    for i, row in enumerate(rows):
+        if row.continues is not None:
+            _check_continues(f"{path}: row {i + 1} ({row.name})", row, rows)
     return Plan(name, str(raw.get("description", "")), path, tuple(rows))
+
+
+def _check_continues(where: str, row: Row, rows: list[Row]) -> None:
+    """``continues: ROW``: this row is ROW trained for more epochs, so it may start from ROW's
+    finished run of the same seed; anything else differing would not be the same run."""
+    shorter = next((r for r in rows if r.name == row.continues and r is not row), None)
+    if shorter is None:
+        raise StudyError(f"{where}: continues {row.continues!r} must name another row")
+    for seed, cfg in row.configs.items():
+        if seed not in shorter.configs:
+            raise StudyError(f"{where}: continues {row.continues!r}, which has no seed {seed}")
+        mine, theirs = cfg.to_dict(), shorter.configs[seed].to_dict()
+        longer = mine["train"]["epochs"] > theirs["train"]["epochs"]
+        mine["train"]["epochs"] = theirs["train"]["epochs"]
+        if mine != theirs or not longer or cfg.train.scheduler not in EPOCH_ONLY_SCHEDULES:
+            raise StudyError(
+                f"{where}: continues {row.continues!r}, so it may differ from it only by "
+                "more train.epochs, with a schedule that depends on the epoch only "
+                f"({sorted(EPOCH_ONLY_SCHEDULES)})"
+            )
+
+
+def _start_from_shorter_run(out: Path, plan: Plan, row: Row, seed: int) -> None:
+    """A row that ``continues`` another starts from that row's finished run of the seed (a
+    copy, resumed with more epochs: the same numbers as training it from the start)."""
+    directory = run_dir(out, row, seed)
+    if row.continues is None or (directory / "checkpoints").is_dir():
+        return
+    shorter = run_dir(out, next(r for r in plan.rows if r.name == row.continues), seed)
+    if (shorter / "eval_test.json").is_file() and (shorter / "checkpoints/final.pt").is_file():
+        shutil.copytree(shorter, directory, dirs_exist_ok=True)  # a failed start's leftovers
+        print(f"  starts from {row.continues}'s finished run: {shorter}", flush=True)
 
 
 def _check_keys(entry: dict, allowed: set[str], where: str) -> None:
@@ -176,6 +217,7 @@ def run_study(
             f"--rows {unknown} not in the plan; its rows are {[r.name for r in plan.rows]}"
         )
     selected = [r for r in plan.rows if not only or r.name in only]
+    selected.sort(key=lambda r: r.continues is not None)  # after the runs they may start from
     todo = [(row, seed) for row in selected for seed in row.seeds]
     errors: dict[tuple[str, int], str] = {}
     with StopSignals("the study stops after the current run") as stop:
@@ -184,6 +226,7 @@ def run_study(
                 break
             directory = run_dir(out, row, seed)
             print(f"[{i + 1}/{len(todo)}] {row.name} seed {seed}: {directory}", flush=True)
+            _start_from_shorter_run(out, plan, row, seed)
             resume = "auto" if (directory / "checkpoints").is_dir() else None
             try:
                 cfg = row.configs[seed]
