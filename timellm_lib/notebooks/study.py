@@ -87,50 +87,57 @@ def load_plan(path: str | Path, cli_overrides: list[str] | None = None) -> Plan:
         raise StudyError(f"study plan {path} must be a mapping with a non-empty list 'rows'")
     _check_keys(raw, PLAN_KEYS, f"study plan {path}")
     name = str(raw.get("name") or path.stem)
-    base_config = raw.get("config")
-    base_overrides = _string_list(raw.get("overrides"), f"{path}: overrides")
-    base_seeds = _seeds(raw.get("seeds", [2021]), f"{path}: seeds")
-    rows, names = [], set()
+    base = {
+        "config": raw.get("config"),
+        "overrides": _string_list(raw.get("overrides"), f"{path}: overrides"),
+        "seeds": _seeds(raw.get("seeds", [2021]), f"{path}: seeds"),
+    }
+    rows: list[Row] = []
     for i, entry in enumerate(raw["rows"]):
-        where = f"{path}: row {i + 1}"
-        if not isinstance(entry, dict) or not entry.get("name"):
-            raise StudyError(f"{where} must be a mapping with at least a 'name'")
-        _check_keys(entry, ROW_KEYS, where)
-        row_name = str(entry["name"])
-        if row_name in names or "/" in row_name or row_name in {".", ".."}:
-            raise StudyError(f"{where}: name {row_name!r} must be unique and a plain name")
-        names.add(row_name)
-        config_file = entry.get("config", base_config)
-        overrides = base_overrides + _string_list(entry.get("overrides"), f"{where}: overrides")
-        seeds = _seeds(entry.get("seeds", base_seeds), f"{where}: seeds")
-        published = entry.get("published") or {}
-        if not isinstance(published, dict):
-            raise StudyError(f"{where}: published must be a mapping {{mse, mae, source}}")
-        _check_keys(published, PUBLISHED_KEYS, f"{where}: published")
-        configs = {}
-        for seed in seeds:
-            try:
-                configs[seed] = load_config(
-                    config_file, [*overrides, *(cli_overrides or []), f"train.seed={seed}"]
-                )
-            except WorkbenchError as err:
-                raise StudyError(f"{where} ({row_name}, seed {seed}): {err}") from err
-        rows.append(
-            Row(
-                name=row_name,
-                description=str(entry.get("description", "")),
-                config_file=str(config_file or ""),
-                overrides=tuple(overrides),
-                seeds=seeds,
-                published=published,
-                configs=configs,
-                continues=entry.get("continues"),
-            )
-        )
+        row = _load_row(entry, f"{path}: row {i + 1}", base, cli_overrides or [])
+        if row.name in {r.name for r in rows}:
+            raise StudyError(f"{path}: row {i + 1}: name {row.name!r} must be unique")
+        rows.append(row)
     for i, row in enumerate(rows):
         if row.continues is not None:
             _check_continues(f"{path}: row {i + 1} ({row.name})", row, rows)
     return Plan(name, str(raw.get("description", "")), path, tuple(rows))
+
+
+def _load_row(entry: Any, where: str, base: dict[str, Any], cli_overrides: list[str]) -> Row:
+    """One row of a plan, its config resolved for every seed (``base``: the plan's config,
+    overrides and seeds, which the row's own keys extend or replace)."""
+    if not isinstance(entry, dict) or not entry.get("name"):
+        raise StudyError(f"{where} must be a mapping with at least a 'name'")
+    _check_keys(entry, ROW_KEYS, where)
+    row_name = str(entry["name"])
+    if "/" in row_name or row_name in {".", ".."}:
+        raise StudyError(f"{where}: name {row_name!r} must be a plain name (no '/', not . or ..)")
+    config_file = entry.get("config", base["config"])
+    overrides = base["overrides"] + _string_list(entry.get("overrides"), f"{where}: overrides")
+    seeds = _seeds(entry.get("seeds", base["seeds"]), f"{where}: seeds")
+    published = entry.get("published") or {}
+    if not isinstance(published, dict):
+        raise StudyError(f"{where}: published must be a mapping {{mse, mae, source}}")
+    _check_keys(published, PUBLISHED_KEYS, f"{where}: published")
+    configs = {}
+    for seed in seeds:
+        try:
+            configs[seed] = load_config(
+                config_file, [*overrides, *cli_overrides, f"train.seed={seed}"]
+            )
+        except WorkbenchError as err:
+            raise StudyError(f"{where} ({row_name}, seed {seed}): {err}") from err
+    return Row(
+        name=row_name,
+        description=str(entry.get("description", "")),
+        config_file=str(config_file or ""),
+        overrides=tuple(overrides),
+        seeds=seeds,
+        published=published,
+        configs=configs,
+        continues=entry.get("continues"),
+    )
 
 
 def _check_continues(where: str, row: Row, rows: list[Row]) -> None:
