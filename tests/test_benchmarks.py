@@ -7,6 +7,7 @@ themselves (no timing is asserted)."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -74,3 +75,19 @@ def test_the_published_models_hub_name_loads_the_packaged_minilm_only_while_buil
     assert (config.hidden_size, config.num_hidden_layers) == (384, 6)  # MiniLM, not BERT-base
     assert tokenizer("min value 0.5").input_ids[0] == tokenizer.cls_token_id
     assert "from_pretrained" not in vars(transformers.BertConfig)  # the hub loader again
+
+
+def test_reprogramming_attention_prints_its_entropy_beside_the_uniform_one(repo_root, tmp_path):
+    (line,) = _run_json(
+        repo_root,
+        "reprogramming_attention.py",
+        "--config",
+        "configs/smoke.yaml",
+        "--set",
+        f"data.path={tmp_path / 'smoke.csv'}",
+        "--windows",
+        "3",
+    )
+    assert line["windows"] == 3 and line["prototypes"] == 64  # smoke's model.num_tokens
+    assert 0 < line["entropy"] <= line["uniform_entropy"] == pytest.approx(math.log(64))
+    assert 1 / line["prototypes"] <= line["max_weight"] <= 1
