@@ -27,14 +27,12 @@ from timellm_lib.config import Config, load_config
 from timellm_lib.errors import WorkbenchError
 from timellm_lib.files import write_text_atomic
 from timellm_lib.training.faults import StopSignals
+from timellm_lib.training.schedulers import EPOCH_ONLY_SCHEDULES
 
 log = logging.getLogger(__name__)
 
 PLAN_KEYS = {"name", "description", "config", "overrides", "seeds", "rows"}
 ROW_KEYS = {"name", "description", "config", "overrides", "seeds", "published", "continues"}
-# schedules whose lr depends on the epoch only: a finished shorter run continued for more
-# epochs ends bit-identical to the longer run (see timellm_lib.training.resume)
-EPOCH_ONLY_SCHEDULES = {"constant", "step", "type1", "type3", "published_type1", "published_type3"}
 PUBLISHED_KEYS = {"mse", "mae", "source", "note"}
 
 

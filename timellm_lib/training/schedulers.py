@@ -13,6 +13,9 @@ from timellm_lib.config import TrainConfig
 
 ONECYCLE_DIV = 25.0  # initial lr = max lr / 25, as in torch's OneCycleLR
 ONECYCLE_FINAL_DIV = 1e4  # final lr = initial lr / 1e4
+# whose lr depends on the epoch only (not on the run's length): a finished run continued for
+# more epochs ends bit-identical to the longer run (timellm_lib.training.resume)
+EPOCH_ONLY_SCHEDULES = {"constant", "step", "type1", "type3", "published_type1", "published_type3"}
 PUBLISHED_BETA1 = 0.95  # OneCycleLR's max_momentum, which its constructor writes into beta1
 
 
