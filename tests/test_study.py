@@ -244,8 +244,19 @@ def test_a_row_that_continues_a_shorter_one_starts_from_its_finished_run(tmp_pat
     """`continues: short` trains after `short`, copies its finished run and resumes it with
     more epochs: the numbers of training the long row from scratch, at a fraction of the cost,
     and the short row's run is left as it was."""
-    args = ["study", str(write_plan(tmp_path, continued_plan())), *data_override(tmp_path)]
+    plan = continued_plan()
+    plan["overrides"].append("train.save_total_limit=100")  # the long run keeps short's too
+    args = ["study", str(write_plan(tmp_path, plan)), *data_override(tmp_path)]
     out = tmp_path / "out"
+    short = out / "runs/short/seed1"
+    subprocess.run(
+        timellm(*args, "--out", str(out), "--rows", "short", "--no-progress"),
+        cwd=repo_root,
+        check=True,
+        capture_output=True,
+        timeout=240,
+    )
+    short_files = {p: p.read_bytes() for p in short.rglob("*") if p.is_file()}
     done = subprocess.run(
         timellm(*args, "--out", str(out), "--no-progress"),
         cwd=repo_root,
@@ -266,6 +277,18 @@ def test_a_row_that_continues_a_shorter_one_starts_from_its_finished_run(tmp_pat
     assert final[0]["resume_digest"] == final[1]["resume_digest"]
     short_final = describe_checkpoint(runs / "short/seed1/checkpoints/final.pt")
     assert short_final["global_step"] < final[0]["global_step"]
+    assert {p: p.read_bytes() for p in short.rglob("*") if p.is_file()} == short_files
+    # the checkpoints the long run kept from the short one are shared, not copied
+    shared = [
+        p.name
+        for p in (short / "checkpoints").glob("step_*.pt")
+        if (runs / "long/seed1/checkpoints" / p.name).is_file()
+    ]
+    assert shared
+    for name in shared:
+        assert (runs / "long/seed1/checkpoints" / name).stat().st_ino == (
+            short / "checkpoints" / name
+        ).stat().st_ino
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ killed at any moment and started again ends with the numbers of an uninterrupted
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -166,8 +167,20 @@ def _start_from_shorter_run(out: Path, plan: Plan, row: Row, seed: int) -> None:
         return
     shorter = run_dir(out, next(r for r in plan.rows if r.name == row.continues), seed)
     if (shorter / "eval_test.json").is_file() and (shorter / "checkpoints/final.pt").is_file():
-        shutil.copytree(shorter, directory, dirs_exist_ok=True)  # a failed start's leftovers
+        # dirs_exist_ok: a failed start's leftovers
+        shutil.copytree(shorter, directory, copy_function=_link_checkpoint, dirs_exist_ok=True)
         print(f"  starts from {row.continues}'s finished run: {shorter}", flush=True)
+
+
+def _link_checkpoint(source: str, target: str) -> None:
+    """Checkpoints are only ever replaced whole (atomic rename) or deleted, never written in
+    place, so both runs can share them: a hard link where the file system allows one. Logs are
+    appended to, so they (and anything else) are copied."""
+    if source.endswith(".pt"):
+        with contextlib.suppress(OSError):
+            os.link(source, target)
+            return
+    shutil.copy2(source, target)
 
 
 def _check_keys(entry: dict, allowed: set[str], where: str) -> None:
