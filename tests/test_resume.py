@@ -54,7 +54,7 @@ def test_cli_pause_inside_the_first_epoch_then_resume(tmp_path):
         cwd=tmp_path,
     )
     assert paused.returncode == 0, paused.stderr
-    assert "paused at global_step 2" in paused.stdout
+    assert "paused at global_step 2 (epoch 0, step 2)" in paused.stdout
     assert [p.name for _, p in step_files(run / "checkpoints")] == ["step_00000002.pt"]
 
     refused = cli(
@@ -67,7 +67,10 @@ def test_cli_pause_inside_the_first_epoch_then_resume(tmp_path):
     # no --config and no --set: the run's own config.yaml is used
     resumed = cli("train", "--run-dir", str(run), "--resume", "auto", "--no-progress", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stderr and "finished at global_step 21" in resumed.stdout
+    assert (
+        "resumed from" in resumed.stderr
+        and "finished at global_step 21 (after 3 epochs)" in resumed.stdout
+    )
     assert_same_run(run, reference)
 
 

@@ -387,6 +387,7 @@ def _already_done(
         run_dir=run_dir,
         global_step=step,
         epoch=ckpt["epoch"],
+        step_in_epoch=ckpt["step_in_epoch"],
         finished=complete,
         stopped_early=complete and not at_end,
         best_score=es.get("best_score"),

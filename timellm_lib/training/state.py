@@ -48,7 +48,8 @@ class TrainResult:
 
     run_dir: Path
     global_step: int
-    epoch: int
+    epoch: int  # the position, as in checkpoints: epoch `epoch` (0-based), step `step_in_epoch`
+    step_in_epoch: int
     finished: bool  # reached the configured end or stopped early (final.pt written)
     stopped_early: bool
     best_score: float | None
@@ -61,13 +62,19 @@ class TrainResult:
         best = "none yet" if self.best_score is None else f"{-self.best_score:.6g}"
         text = (
             f"run {self.run_dir}: {self.status} at global_step {self.global_step} "
-            f"(epoch {self.epoch}); best val loss {best}"
+            f"({self.position_words()}); best val loss {best}"
         )
         if self.test:
             text += f"; test mse {self.test['mse']:.6g} mae {self.test['mae']:.6g}"
         if self.status in ("paused", "interrupted"):
             text += "; continue with --resume auto"
         return text
+
+    def position_words(self) -> str:
+        """ "after 5 epochs" at an epoch boundary (not "epoch 5", which has not run)."""
+        if self.step_in_epoch == 0:
+            return f"after {self.epoch} epoch{'s' * (self.epoch != 1)}"
+        return f"epoch {self.epoch}, step {self.step_in_epoch}"
 
 
 @dataclass

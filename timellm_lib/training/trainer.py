@@ -133,6 +133,7 @@ def _result(
         run_dir=run.run_dir,
         global_step=run.state.global_step,
         epoch=run.position.epoch,
+        step_in_epoch=run.position.step_in_epoch,
         finished=finished,
         stopped_early=stopped_early,
         best_score=run.stopper.best_score,
