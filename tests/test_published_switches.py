@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 import torch
 from model_helpers import TINY_MODEL
-from trainer_helpers import REPO_ROOT, cli, tiny_config
+from trainer_helpers import (
+    REPO_ROOT,
+    assert_same_run,
+    cli,
+    set_args,
+    tiny_config,
+    tiny_overrides,
+)
 
 from timellm_lib.config import ConfigError, config_from_dict, load_config
 from timellm_lib.data import build_datasets
@@ -27,7 +34,7 @@ from timellm_lib.evaluation.metrics import (
     SeriesErrors,
     evaluate,
     forecasts,
-    published_test_batch,
+    published_series_per_batch,
 )
 from timellm_lib.models import build_model, model_params
 from timellm_lib.models.layers import RevIN
@@ -35,6 +42,7 @@ from timellm_lib.models.prompt import prompt_head, prompt_statistics, prompt_tai
 from timellm_lib.models.timellm import TimeLLM
 from timellm_lib.training import TrainingError, train
 from timellm_lib.training.checkpoint import CheckpointError
+from timellm_lib.training.metrics_log import read_metrics
 
 SEQ = 32
 
@@ -165,14 +173,20 @@ def test_ms_with_channel_samples_needs_the_published_ms_mode(tmp_path):
 # ------------------------------------------------------------------------- test metric
 
 
-def channel_major_scores(model, dataset, batch: int) -> tuple[float, float, int]:
-    """The published test loop by hand: series channel-major, batches of ``batch``,
-    drop_last, mean of batch means."""
+def channel_major_errors(model, dataset) -> np.ndarray:
+    """Forecast errors of every series by hand, [C*W, H]: channel-major, as the published
+    loaders serve them."""
     x, y = dataset.get_batch(torch.arange(len(dataset)))
     with torch.no_grad():
         pred = model.eval()(x)
         pred = getattr(pred, "pred", pred).double().numpy()
-    err = (pred - y.double().numpy()).transpose(2, 0, 1).reshape(-1, y.shape[1])  # [C*W, H]
+    return (pred - y.double().numpy()).transpose(2, 0, 1).reshape(-1, y.shape[1])
+
+
+def channel_major_scores(model, dataset, batch: int) -> tuple[float, float, int]:
+    """The published test loop by hand: series channel-major, batches of ``batch``,
+    drop_last, mean of batch means."""
+    err = channel_major_errors(model, dataset)
     n_batches = len(err) // batch
     mse = np.mean([np.mean(err[b * batch : (b + 1) * batch] ** 2) for b in range(n_batches)])
     mae = np.mean([np.mean(np.abs(err[b * batch : (b + 1) * batch])) for b in range(n_batches)])
@@ -185,7 +199,7 @@ def test_published_test_metric_on_etth1_drops_the_last_incomplete_batch(etth1_pa
         [f"data.path={etth1_path}", "model.name=mlp", "train.device=cpu"],
     )
     datasets = build_datasets(cfg.data)
-    batch = published_test_batch(cfg.data, datasets.n_out)
+    batch = published_series_per_batch(cfg.data, datasets.n_out, "test")
     assert batch == 192
     series = len(datasets.test) * datasets.n_out
     assert series % batch != 0
@@ -202,6 +216,61 @@ def test_published_test_metric_on_etth1_drops_the_last_incomplete_batch(etth1_pa
     assert "n_series_dropped" not in every  # the default report is unchanged
 
 
+# ------------------------------------------------------------------- validation metric
+
+VAL_PUBLISHED = ("data.sample_unit=channel", "data.val_metric=published", "train.epochs=2")
+
+
+def test_published_validation_shuffles_anew_and_drops_the_last_incomplete_batch(tmp_path):
+    """Each validation: the series in the order drawn from (train.seed, global step), batches
+    of one training batch, the last incomplete one dropped, the mean over the kept series;
+    by hand from each epoch's step checkpoint. ``timellm eval --split val`` of best.pt
+    draws the order of the validation that saved it, so it gives that validation's loss."""
+    cfg = tiny_config(tmp_path, *VAL_PUBLISHED)
+    train(cfg, run_dir=tmp_path / "run", progress=False)
+    vals = [e for e in read_metrics(tmp_path / "run/metrics.jsonl") if e["event"] == "val"]
+    assert len(vals) == 2
+    batch = published_series_per_batch(cfg.data, 1, "val")
+    dropped = []
+    for event in vals:
+        step = event["global_step"]
+        loaded = load_for_inference(tmp_path / f"run/checkpoints/step_{step:08d}.pt")
+        err = channel_major_errors(loaded.model, loaded.datasets.val)
+        kept = len(err) // batch * batch
+        assert event["n_series_dropped"] == len(err) - kept > 0
+        order = np.random.default_rng([cfg.train.seed, step]).permutation(len(err))
+        assert event["val_loss"] == pytest.approx(np.mean(err[order[:kept]] ** 2), rel=1e-9)
+        assert event["val_mae"] == pytest.approx(np.mean(np.abs(err[order[:kept]])), rel=1e-9)
+        assert event["val_loss"] != pytest.approx(np.mean(err**2), rel=1e-9)
+        dropped.append(set(order[kept:]))
+    assert dropped[0] != dropped[1]  # a new shuffle at every validation
+    best = max((e for e in vals if e["improved"]), key=lambda e: e["global_step"])
+    again = evaluate_checkpoint(tmp_path / "run/checkpoints/best.pt", split="val", write=False)
+    assert again["mse"] == pytest.approx(best["val_loss"], rel=1e-9)
+    assert again["val_metric"] == "published"
+
+
+def test_a_run_with_the_published_validation_resumes_bit_identically(tmp_path):
+    overrides = tiny_overrides(tmp_path, *VAL_PUBLISHED)
+    done = [
+        cli("train", "--run-dir", str(tmp_path / name), *set_args(overrides), *extra, cwd=tmp_path)
+        for name, extra in [("reference", []), ("resumed", ["--max-steps", "5"])]
+    ]
+    assert all(d.returncode == 0 for d in done), [d.stderr for d in done]
+    resumed = cli("train", "--run-dir", str(tmp_path / "resumed"), "--resume", "auto", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(tmp_path / "resumed", tmp_path / "reference")
+
+
+def test_a_published_validation_that_would_drop_every_series_is_refused_before_training(
+    tmp_path,
+):
+    cfg = tiny_config(tmp_path, "data.val_metric=published", "data.val_subset=2")
+    with pytest.raises(TrainingError, match="data.val_metric = published drops every val"):
+        train(cfg, run_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run/checkpoints").exists()
+
+
 # --------------------------------------------------------------- published config, resume
 
 
@@ -210,6 +279,7 @@ def test_the_published_config_sets_every_published_switch():
     base = load_config(REPO_ROOT / "configs/etth1_512_96.yaml")
     assert (cfg.data.sample_unit, cfg.data.batch_size) == ("channel", 192)
     assert cfg.data.ms_mode == "published" and cfg.data.test_metric == "published"
+    assert cfg.data.val_metric == "published"
     assert cfg.train.scheduler == "published_type1"
     m = cfg.model
     assert m.dropout == 0.1 and m.backbone_dropout
@@ -224,10 +294,13 @@ def test_the_published_config_sets_every_published_switch():
     # the base config keeps the project's defaults for the four new switches
     assert (base.model.prompt_lags, base.model.prompt_padding) == ("distinct", "masked")
     assert (base.data.ms_mode, base.data.test_metric) == ("target", "every_window")
+    assert base.data.val_metric == "every_window"
 
 
 @pytest.mark.parametrize(
-    "key", ["model.prompt_lags", "model.prompt_padding", "data.ms_mode", "data.test_metric"]
+    "key",
+    ["model.prompt_lags", "model.prompt_padding", "data.ms_mode", "data.test_metric"]
+    + ["data.val_metric"],
 )
 def test_unknown_values_of_the_new_keys_are_refused(key):
     with pytest.raises(ConfigError, match=f"{key} = 'exact' is not allowed"):
@@ -249,7 +322,7 @@ def test_published_metric_of_shards_equals_the_whole_split(tmp_path):
     datasets = build_datasets(cfg.data)
     torch.manual_seed(0)
     model = build_model(cfg, datasets.n_in, datasets.n_out)
-    batch = published_test_batch(cfg.data, datasets.n_out)
+    batch = published_series_per_batch(cfg.data, datasets.n_out, "test")
     whole = evaluate(model, datasets.test, 64, published_batch=batch)
     placed = []
     for rank in range(2):

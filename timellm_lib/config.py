@@ -62,6 +62,10 @@ class DataConfig:
     # mean of batch means: series in channel-major order, batches of the series of one
     # training batch, the last incomplete batch dropped (eval JSON: n_series_dropped)
     test_metric: Literal["every_window", "published"] = "every_window"
+    # validation loss (EarlyStopping, best.pt): every_window; published, the published
+    # validation loader's: the same as test_metric published, with the series shuffled anew
+    # at each validation (seeded by train.seed and the global step)
+    val_metric: Literal["every_window", "published"] = "every_window"
     num_workers: int = 0
 
     @property

@@ -44,7 +44,7 @@ from timellm_lib.evaluation.metrics import (
     evaluate_report,
     forecasts,
     predict,
-    published_test_batch,
+    published_series_per_batch,
 )
 from timellm_lib.files import atomic_file, write_text_atomic
 from timellm_lib.models import build_model
@@ -232,9 +232,9 @@ def evaluate_loaded(
     :func:`eval_file_name` names it.
 
     ``batch_size`` (default ``data.eval_batch_size``) changes only the speed: scores are
-    weighted by window, or on the test split with ``data.test_metric = published`` taken
-    over the series the published test loader keeps (``n_series_dropped`` says how many
-    it drops).
+    weighted by window, or with ``data.<split>_metric = published`` taken over the series
+    the published loader keeps (``n_series_dropped`` says how many it drops; on val in the
+    order the trainer's validation at the checkpoint's global step drew).
     """
     _check_split(split)
     cfg = loaded.cfg
@@ -246,7 +246,9 @@ def evaluate_loaded(
         batch_size or cfg.data.eval_batch_size,
         loaded.device,
         loaded.amp_dtype,
-        published_test_batch(cfg.data, len(loaded.channels)) if split == "test" else 0,
+        published_series_per_batch(cfg.data, len(loaded.channels), split),
+        split,
+        (cfg.train.seed, loaded.global_step) if split == "val" else None,
     )
     result = {
         "split": split,

@@ -116,18 +116,27 @@ class SeriesErrors:
         full = all_sum(full.ravel()).reshape(full.shape)
         self.sse, self.sae = [full[0]], [full[1]]
 
-    def published(self, series_per_batch: int) -> dict[str, float | int]:
-        """The published test loader's score: series (a channel of a window) in
-        channel-major order (every window of channel 0, then of channel 1, ...), batches of
+    def published(
+        self,
+        series_per_batch: int,
+        shuffle: np.random.Generator | None = None,
+        split: str = "test",
+    ) -> dict[str, float | int]:
+        """The published loaders' score: series (a channel of a window) in channel-major
+        order (every window of channel 0, then of channel 1, ...), or in the order of
+        ``shuffle.permutation`` (the published validation loader shuffles), batches of
         ``series_per_batch``, the last incomplete batch dropped, the mean of the batch means
         (all batches equal in size: the mean over the kept series)."""
         sse, sae = np.concatenate(self.sse).T.ravel(), np.concatenate(self.sae).T.ravel()
+        if shuffle is not None:
+            order = shuffle.permutation(len(sse))
+            sse, sae = sse[order], sae[order]
         kept = len(sse) // series_per_batch * series_per_batch
         if kept == 0:
             raise WorkbenchError(
-                f"data.test_metric = published drops every test series: {len(sse)} series are fewer "
-                f"than one batch of {series_per_batch}; lower data.batch_size or use "
-                "data.test_metric=every_window"
+                f"data.{split}_metric = published drops every {split} series: {len(sse)} series "
+                f"are fewer than one batch of {series_per_batch}; lower data.batch_size or use "
+                f"data.{split}_metric=every_window"
             )
         values = kept * self.horizon
         return {
@@ -136,18 +145,25 @@ class SeriesErrors:
             "n_windows": int(sum(len(a) for a in self.sae)),
             "n_series": int(len(sse)),
             "n_series_dropped": int(len(sse) - kept),
-            "test_metric": "published",
+            f"{split}_metric": "published",
         }
 
 
-def published_test_batch(data: DataConfig, n_out: int) -> int:
-    """Series in one batch of the published test metric, 0 when ``data.test_metric`` is
-    ``every_window``: those of one training batch, ``data.batch_size`` with ``sample_unit =
-    channel`` (the published 8 x 24 = 192), else ``batch_size`` windows of ``n_out``
-    channels."""
-    if data.test_metric != "published":
+def published_series_per_batch(data: DataConfig, n_out: int, split: str) -> int:
+    """Series in one batch of the published metric of ``split`` (val or test), 0 when
+    ``data.<split>_metric`` is ``every_window``: those of one training batch,
+    ``data.batch_size`` with ``sample_unit = channel`` (the published 8 x 24 = 192), else
+    ``batch_size`` windows of ``n_out`` channels."""
+    if getattr(data, f"{split}_metric") != "published":
         return 0
     return data.batch_size * (1 if data.sample_unit == "channel" else n_out)
+
+
+def validation_order(seed: tuple[int, int] | None) -> np.random.Generator | None:
+    """The shuffle of the published validation loader (``data.val_metric = published``): a
+    new order at every validation, drawn from ``(train.seed, global_step)`` so that a resumed
+    run, and ``timellm eval --split val`` of the checkpoint saved there, draw the same one."""
+    return None if seed is None else np.random.default_rng(list(seed))
 
 
 def autocast(device: torch.device | str, dtype: torch.dtype | None) -> AbstractContextManager:
@@ -202,12 +218,15 @@ def evaluate(
     all_sum: Callable[[np.ndarray], np.ndarray] | None = None,
     progress: str | None = None,
     published_batch: int = 0,
+    split: str = "test",
+    shuffle_seed: tuple[int, int] | None = None,
 ) -> dict[str, float | int]:
     """Window-weighted ``mse``, ``mae`` and ``n_windows`` of ``model`` on ``dataset``
     (scaled space; what the trainer validates with).
 
-    ``published_batch`` B > 0: the published test metric instead (see
-    :meth:`SeriesErrors.published`), with ``n_series`` and ``n_series_dropped``.
+    ``published_batch`` B > 0: the published metric of ``split`` instead (see
+    :meth:`SeriesErrors.published`; ``shuffle_seed``: the validation loader's order, see
+    :func:`validation_order`), with ``n_series`` and ``n_series_dropped``.
 
     ``amp_dtype`` is the autocast precision of the forward (the training one), if any.
     ``all_sum`` (distributed runs): ``dataset`` is this process's shard, and the totals are
@@ -222,7 +241,7 @@ def evaluate(
             whole = dataset.dataset if isinstance(dataset, Shard) else dataset
             start = dataset.start if isinstance(dataset, Shard) else 0
             series.combine(all_sum, start, len(whole))
-        return series.published(published_batch)
+        return series.published(published_batch, validation_order(shuffle_seed), split)
     totals = ErrorTotals()
     for pred, y in forecasts(model, dataset, batch_size, device, amp_dtype, progress):
         totals.add(pred, y)
@@ -240,6 +259,8 @@ def evaluate_report(
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
     published_batch: int = 0,
+    split: str = "test",
+    shuffle_seed: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Scores in the scaled and the original space, overall, per horizon step and per channel.
 
@@ -249,9 +270,10 @@ def evaluate_report(
     mse_original, mae_original}``, step 1 first) and ``per_channel`` (``{name: {mse, mae,
     mse_original, mae_original}}``).
 
-    ``published_batch`` B > 0 (``data.test_metric = published``): the overall scores of both
-    spaces are the published test metric (:meth:`SeriesErrors.published`), with
-    ``n_series``, ``n_series_dropped`` and ``test_metric``; per step and per channel stay
+    ``published_batch`` B > 0 (``data.<split>_metric = published``): the overall scores of
+    both spaces are the published metric of ``split`` (:meth:`SeriesErrors.published`, the
+    series shuffled by :func:`validation_order` of ``shuffle_seed`` where given), with
+    ``n_series``, ``n_series_dropped`` and ``<split>_metric``; per step and per channel stay
     over every window.
     """
     scaled, original = ErrorTotals(), ErrorTotals()
@@ -267,8 +289,10 @@ def evaluate_report(
     overall = scaled.metrics()
     overall_original = original.metrics()
     if published_batch:
-        overall = series.published(published_batch)
-        overall_original = series_original.published(published_batch)
+        overall, overall_original = (
+            errors.published(published_batch, validation_order(shuffle_seed), split)
+            for errors in (series, series_original)
+        )
     horizon = (*scaled.per_horizon(), *original.per_horizon())
     channel = (*scaled.per_channel(), *original.per_channel())
     names = ("mse", "mae", "mse_original", "mae_original")
@@ -278,7 +302,11 @@ def evaluate_report(
         "mse_original": overall_original["mse"],
         "mae_original": overall_original["mae"],
         "n_windows": overall["n_windows"],
-        **{k: overall[k] for k in ("n_series", "n_series_dropped", "test_metric") if k in overall},
+        **{
+            k: overall[k]
+            for k in ("n_series", "n_series_dropped", f"{split}_metric")
+            if k in overall
+        },
         "per_horizon": [
             {"step": h + 1, **{n: float(v[h]) for n, v in zip(names, horizon, strict=True)}}
             for h in range(len(horizon[0]))

@@ -18,7 +18,7 @@ from timellm_lib.config import Config
 from timellm_lib.data import build_datasets
 from timellm_lib.data.sampler import ResumableLoader
 from timellm_lib.data.windows import training_samples
-from timellm_lib.evaluation.metrics import published_test_batch
+from timellm_lib.evaluation.metrics import published_series_per_batch
 from timellm_lib.models import TrainableModel, build_model
 from timellm_lib.training.distributed import World, distributed_session, from_main, on_main
 from timellm_lib.training.early_stopping import EarlyStopping
@@ -201,14 +201,17 @@ def _check_split_sizes(cfg: Config, datasets: Any, world: World) -> None:
                 f"the {split} split has {len(getattr(datasets, split))} windows, fewer than "
                 f"the {k} processes that share its evaluation; use more data or fewer processes"
             )
-    published = published_test_batch(cfg.data, datasets.n_out)
-    series = len(datasets.test) * datasets.n_out
-    if published and series < published:
-        raise TrainingError(  # found now, not after training, when the final test would fail
-            f"data.test_metric = published drops every test series: {series} series are fewer "
-            f"than one batch of {published}; lower data.batch_size or use "
-            "data.test_metric=every_window"
-        )
+    scored = {"val": min(len(datasets.val), cfg.data.val_subset or len(datasets.val))}
+    scored["test"] = len(datasets.test)
+    for split, windows in scored.items():
+        published = published_series_per_batch(cfg.data, datasets.n_out, split)
+        series = windows * datasets.n_out
+        if published and series < published:
+            raise TrainingError(  # found now, not when the first validation or the test runs
+                f"data.{split}_metric = published drops every {split} series: {series} series "
+                f"are fewer than one batch of {published}; lower data.batch_size or use "
+                f"data.{split}_metric=every_window"
+            )
 
 
 def pick_device(name: str) -> torch.device:

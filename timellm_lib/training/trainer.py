@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from timellm_lib.config import Config
 from timellm_lib.data.sampler import ResumableLoader, Shard, fixed_subset
-from timellm_lib.evaluation.metrics import autocast, evaluate, published_test_batch
+from timellm_lib.evaluation.metrics import autocast, evaluate, published_series_per_batch
 from timellm_lib.files import write_text_atomic
 from timellm_lib.models.output import as_forecast
 from timellm_lib.training.checkpoint import (
@@ -271,7 +271,9 @@ def _validate(run: Run) -> None:
     over the ranks' shards first, so every rank takes the same EarlyStopping decision."""
     d = run.cfg.data
     windows = fixed_subset(run.datasets.val, d.val_subset, d.val_subset_seed)
-    metrics = _evaluate(run, windows, with_ema=True, progress="val")
+    batch = published_series_per_batch(d, run.datasets.n_out, "val")
+    order = (run.cfg.train.seed, run.state.global_step) if batch else None
+    metrics = _evaluate(run, windows, True, "val", batch, order)
     run.model.train()
     improved = run.stopper.step(metrics["mse"])
     run.event(
@@ -279,6 +281,7 @@ def _validate(run: Run) -> None:
         val_loss=metrics["mse"],
         val_mae=metrics["mae"],
         n_windows=metrics["n_windows"],
+        **{k: metrics[k] for k in ("n_series_dropped",) if k in metrics},
         improved=improved,
         val_loss_min=run.stopper.val_loss_min,
     )
@@ -289,15 +292,20 @@ def _validate(run: Run) -> None:
 
 
 def _evaluate(
-    run: Run, dataset: Any, with_ema: bool, progress: str, published_batch: int = 0
+    run: Run,
+    dataset: Any,
+    with_ema: bool,
+    split: str,
+    published_batch: int = 0,
+    shuffle_seed: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Window-weighted metrics (``published_batch`` > 0: the published test metric);
-    ``with_ema`` uses the EMA weights when train.eval_with_ema. Each rank of a distributed
-    run scores its shard; the errors are summed. ``progress`` labels the bar over the
-    windows (shown where the training bar is)."""
+    """Window-weighted metrics (``published_batch`` > 0: the published metric of ``split``,
+    see :func:`evaluate`); ``with_ema`` uses the EMA weights when train.eval_with_ema. Each
+    rank of a distributed run scores its shard; the errors are summed. ``split`` also labels
+    the progress bar over the windows (shown where the training bar is)."""
     if with_ema and run.ema and run.cfg.train.eval_with_ema:
         with run.ema.applied(run.model):
-            return _evaluate(run, dataset, False, progress, published_batch)
+            return _evaluate(run, dataset, False, split, published_batch, shuffle_seed)
     world = run.world
     if world.distributed:
         dataset = Shard(dataset, world.rank, world.size)
@@ -308,8 +316,10 @@ def _evaluate(
         run.device,
         run.amp_dtype,
         all_sum=partial(all_sum, world) if world.distributed else None,
-        progress=progress if run.progress else None,
+        progress=split if run.progress else None,
         published_batch=published_batch,
+        split=split,
+        shuffle_seed=shuffle_seed,
     )
 
 
@@ -338,18 +348,21 @@ def _finish(run: Run) -> dict[str, Any]:
     anything during training). final.pt is resumable, and a run only counts as complete
     once eval_test.json exists too, so a crash between the two is repaired on resume."""
     _save_step(run, kind="final")
-    test, batch = run.datasets.test, published_test_batch(run.cfg.data, run.datasets.n_out)
+    test, batch = (
+        run.datasets.test,
+        published_series_per_batch(run.cfg.data, run.datasets.n_out, "test"),
+    )
     best = run.ckpt_dir / "best.pt"
     if best.is_file():
         payload = load_checkpoint(best)
         load_model_weights(run.model, payload["model"])
         used, at_step = "best.pt", payload["global_step"]
         # best.pt holds the EMA weights if used
-        metrics = _evaluate(run, test, with_ema=False, progress="test", published_batch=batch)
+        metrics = _evaluate(run, test, False, "test", batch)
     else:  # only after resuming from before a discarded best.pt without a new improvement
         log.warning("no best.pt; evaluating the test split with the final weights")
         used, at_step = "final.pt", run.state.global_step
-        metrics = _evaluate(run, test, with_ema=True, progress="test", published_batch=batch)
+        metrics = _evaluate(run, test, True, "test", batch)
     result = {"split": "test", **metrics, "checkpoint": used, "checkpoint_global_step": at_step}
     MainWriter(run).test_result(result)
     return result
