@@ -1,5 +1,6 @@
-"""The four "as published" switches of the README's Models table, and the config that sets
-every published value: prompt lags, prompt padding, features MS and the test metric. Each
+"""The "as published" switches of the README's Models table added after the first ones, and
+the config that sets every published value: prompt lags, prompt padding, features MS and the
+test and validation metrics. Each
 default keeps what the project computed before; each published value does what the
 published code (KimMeen/Time-LLM) does."""
 
