@@ -127,6 +127,9 @@ def test_plan_yaml_reads_exponent_floats_as_numbers(tmp_path):
     assert batch.load_plan(path)["runs"][0]["grid"]["lr"] == [1e-3, 5e-4, 2]
     with pytest.raises(WorkbenchError, match="does not exist"):
         batch.load_plan(tmp_path / "nope.yaml")
+    path.write_text("runs:\n  - notebook: a.ipynb\n    grid: {lr: [1e-3]}\n    grid: {}\n")
+    with pytest.raises(WorkbenchError, match=r"'grid' appears twice \(lines 3 and 4\)"):
+        batch.load_plan(path)
 
 
 @pytest.mark.slow

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -76,6 +78,23 @@ def test_missing_and_malformed_files_are_clear_errors(tmp_path):
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("train:\n  epochs: 2\ntrain:\n  lr: 0.1\n", "'train' appears twice (lines 1 and 3)"),
+        ("train:\n  epochs: 2\n  lr: 0.1\n  epochs: 3\n", "'epochs' appears twice (lines 2 and 4)"),
+        ("train: {epochs: 2, epochs: 3}\n", "'epochs' appears twice (lines 1 and 1)"),
+    ],
+)
+def test_a_key_given_twice_is_refused_not_silently_dropped(tmp_path, text, where):
+    """PyYAML keeps the last of two equal keys: a second `train:` section would drop the
+    first one's settings without a word."""
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(where) + ".*merge the two into one"):
+        load_config(path)
 
 
 def test_shipped_configs_load(repo_root):

@@ -76,6 +76,10 @@ def test_plan_is_resolved_and_checked_before_anything_runs(tmp_path, repo_root, 
     typo = {**PLAN, "rows": [{"name": "x", "publshed": {}}]}
     with pytest.raises(study.StudyError, match="unknown key.*publshed"):
         study.load_plan(write_plan(tmp_path, typo))
+    twice = write_plan(tmp_path)
+    twice.write_text(twice.read_text() + "seeds: [5]\n")  # a second top-level `seeds`
+    with pytest.raises(study.StudyError, match="not valid YAML: the key 'seeds' appears twice"):
+        study.load_plan(twice)
 
 
 def test_bad_plan_exits_2_with_one_paragraph(tmp_path, repo_root, monkeypatch, capsys):

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from timellm_lib.errors import WorkbenchError
+from timellm_lib.yaml_input import load_yaml
 
 BASE_KEY = "base"  # a config file's `base: other.yaml`, merged underneath it
 
@@ -236,7 +237,7 @@ def _read_config_file(path: Path, including: tuple[Path, ...] = ()) -> dict[str,
         chain = " -> ".join(str(p) for p in (*including, path.resolve()))
         raise ConfigError(f"config files include each other in a circle ({chain}); remove a base")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
     if loaded is None:  # an empty file would silently run every default (hours of work)

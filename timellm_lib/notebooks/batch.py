@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from timellm_lib.errors import WorkbenchError
 from timellm_lib.notebooks import notebook_params
+from timellm_lib.yaml_input import StrictLoader
 
 if TYPE_CHECKING:
     from papermill import PapermillExecutionError
@@ -51,7 +52,7 @@ SUMMARY_COLUMNS = ["notebook", "parameters", "status", "seconds", "output", "err
 SLUG_MAX = 80
 
 
-class _PlanLoader(yaml.SafeLoader):
+class _PlanLoader(StrictLoader):
     """YAML with 1.2 floats: PyYAML reads ``1e-3`` (no dot) as a string, and plans write
     learning rates exactly that way."""
 

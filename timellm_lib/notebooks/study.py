@@ -29,6 +29,7 @@ from timellm_lib.errors import WorkbenchError
 from timellm_lib.files import write_text_atomic
 from timellm_lib.training.faults import StopSignals
 from timellm_lib.training.schedulers import EPOCH_ONLY_SCHEDULES
+from timellm_lib.yaml_input import load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def load_plan(path: str | Path, cli_overrides: list[str] | None = None) -> Plan:
     if not path.is_file():
         raise StudyError(f"study plan {path} does not exist; pass a YAML file (configs/studies/)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise StudyError(f"study plan {path} is not valid YAML: {err}") from err
     if not isinstance(raw, dict) or not isinstance(raw.get("rows"), list) or not raw["rows"]:
