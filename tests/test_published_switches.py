@@ -272,6 +272,27 @@ def test_a_published_validation_that_would_drop_every_series_is_refused_before_t
     assert not (tmp_path / "run/checkpoints").exists()
 
 
+def test_the_test_split_after_every_epoch_is_a_report_that_changes_nothing(tmp_path):
+    """train.test_every_epoch logs what the published code prints after each epoch: the
+    test score of the weights validation scored. The run is the same run, bit for bit, and
+    the epoch of best.pt has best.pt's test score."""
+    runs = {
+        name: train(tiny_config(tmp_path, *extra), run_dir=tmp_path / name, progress=False)
+        for name, extra in [("plain", []), ("reported", ["train.test_every_epoch=true"])]
+    }
+    assert_same_run(tmp_path / "reported", tmp_path / "plain")
+    events = read_metrics(tmp_path / "reported/metrics.jsonl")
+    tests = [e for e in events if e["event"] == "epoch_test"]
+    vals = [e for e in events if e["event"] == "val"]
+    assert [e["global_step"] for e in tests] == [e["global_step"] for e in vals]
+    assert len(tests) == 3 and len({e["test_mse"] for e in tests}) == 3
+    at_best = next(
+        e for e in tests if e["global_step"] == runs["reported"].test["checkpoint_global_step"]
+    )
+    assert at_best["test_mse"] == pytest.approx(runs["reported"].test["mse"], rel=1e-9)
+    assert at_best["test_mae"] == pytest.approx(runs["reported"].test["mae"], rel=1e-9)
+
+
 # --------------------------------------------------------------- published config, resume
 
 
@@ -282,6 +303,7 @@ def test_the_published_config_sets_every_published_switch():
     assert cfg.data.ms_mode == "published" and cfg.data.test_metric == "published"
     assert cfg.data.val_metric == "published"
     assert cfg.train.scheduler == "published_type1"
+    assert cfg.train.test_every_epoch
     m = cfg.model
     assert m.dropout == 0.1 and m.backbone_dropout
     assert (m.prompt_format, m.prompt_lags, m.prompt_padding) == ("published",) * 3

@@ -153,6 +153,9 @@ class TrainConfig:
     save_steps: int = 0  # 0: step checkpoints only at epoch ends
     save_total_limit: int = 3  # step checkpoints kept (best.pt and the newest always kept)
     eval_steps: int = 0  # 0: validate at epoch ends only
+    # also score the test split after every epoch, as the published run_main.py prints it
+    # (an epoch_test event; it decides nothing and costs a test pass an epoch)
+    test_every_epoch: bool = False
     log_steps: int = 10
     amp: Literal["off", "bf16", "fp16"] = "off"
     compile: bool = False  # torch.compile the model in place (for GPUs; state_dict keys unchanged)

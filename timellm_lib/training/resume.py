@@ -46,6 +46,7 @@ RESUME_MAY_CHANGE = {
     "train.save_total_limit",
     "train.eval_steps",
     "train.log_steps",
+    "train.test_every_epoch",  # an extra report; it decides nothing
     "train.threads",
     "train.device",
     "train.on_nan",

@@ -186,6 +186,8 @@ def _loop(run: Run, loader: ResumableLoader, end_step: int, progress: bool) -> N
             end_of_epoch = run.position.step_in_epoch == 0
             if end_of_epoch or (t.eval_steps and run.state.global_step % t.eval_steps == 0):
                 _validate(run)  # -> val event, EarlyStopping, best.pt + its companion
+            if end_of_epoch and t.test_every_epoch:
+                _test_epoch(run)
             stop = (
                 run.stopper.should_stop
                 or run.state.global_step >= end_step
@@ -289,6 +291,16 @@ def _validate(run: Run) -> None:
         _save_best(run)
     if run.stopper.should_stop:
         run.event("early_stop", patience=run.stopper.patience)
+
+
+def _test_epoch(run: Run) -> None:
+    """``train.test_every_epoch``: the test score of the weights the epoch ended with (the
+    ones validation scored), which the published code prints after every epoch; the run's
+    reported test score stays that of best.pt."""
+    batch = published_series_per_batch(run.cfg.data, run.datasets.n_out, "test")
+    metrics = _evaluate(run, run.datasets.test, True, "test", batch)
+    run.model.train()
+    run.event("epoch_test", test_mse=metrics["mse"], test_mae=metrics["mae"])
 
 
 def _evaluate(
