@@ -20,7 +20,7 @@ FORBIDDEN = {
     "training": ("evaluation.inference", "notebooks", "cli"),
     "evaluation": ("notebooks", "cli"),
 }
-BASE_MODULES = ("config.py", "errors.py", "files.py")
+BASE_MODULES = ("config.py", "errors.py", "files.py", "yaml_input.py")
 
 
 def imported_modules(path: Path) -> list[str]:

@@ -293,9 +293,6 @@ def evaluate_report(
             errors.published(published_batch, validation_order(shuffle_seed), split)
             for errors in (series, series_original)
         )
-    horizon = (*scaled.per_horizon(), *original.per_horizon())
-    channel = (*scaled.per_channel(), *original.per_channel())
-    names = ("mse", "mae", "mse_original", "mae_original")
     return {
         "mse": overall["mse"],
         "mae": overall["mae"],
@@ -307,6 +304,16 @@ def evaluate_report(
             for k in ("n_series", "n_series_dropped", f"{split}_metric")
             if k in overall
         },
+        **_breakdown(scaled, original, channels),
+    }
+
+
+def _breakdown(scaled: ErrorTotals, original: ErrorTotals, channels: list[str]) -> dict[str, Any]:
+    """``per_horizon`` and ``per_channel`` scores of both spaces (see :func:`evaluate_report`)."""
+    horizon = (*scaled.per_horizon(), *original.per_horizon())
+    channel = (*scaled.per_channel(), *original.per_channel())
+    names = ("mse", "mae", "mse_original", "mae_original")
+    return {
         "per_horizon": [
             {"step": h + 1, **{n: float(v[h]) for n, v in zip(names, horizon, strict=True)}}
             for h in range(len(horizon[0]))
