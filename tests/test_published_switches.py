@@ -263,15 +263,6 @@ def test_a_run_with_the_published_validation_resumes_bit_identically(tmp_path):
     assert_same_run(tmp_path / "resumed", tmp_path / "reference")
 
 
-def test_a_published_validation_that_would_drop_every_series_is_refused_before_training(
-    tmp_path,
-):
-    cfg = tiny_config(tmp_path, "data.val_metric=published", "data.val_subset=2")
-    with pytest.raises(TrainingError, match="data.val_metric = published drops every val"):
-        train(cfg, run_dir=tmp_path / "run", progress=False)
-    assert not (tmp_path / "run/checkpoints").exists()
-
-
 def test_the_test_split_after_every_epoch_is_a_report_that_changes_nothing(tmp_path):
     """train.test_every_epoch logs what the published code prints after each epoch: the
     test score of the weights validation scored. The run is the same run, bit for bit, and
@@ -366,15 +357,27 @@ def test_published_metric_of_shards_equals_the_whole_split(tmp_path):
     assert whole["n_series_dropped"] == len(datasets.test) * datasets.n_out % batch
 
 
-def test_a_published_metric_that_would_drop_every_test_series_is_refused_before_training(
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("data.batch_size=200", "data.test_metric=published"),
+        ("data.val_metric=published", "data.val_subset=2"),
+    ],
+)
+def test_a_published_metric_that_would_drop_every_series_is_refused_before_training(
+    tmp_path, extra
+):
+    """Found at the start, not when the first validation or the final test runs."""
+    split = "test" if "data.test_metric=published" in extra else "val"
+    with pytest.raises(TrainingError, match=f"data.{split}_metric = published drops every {split}"):
+        train(tiny_config(tmp_path, *extra), run_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run/checkpoints").exists()
+
+
+def test_a_checkpoint_scored_with_a_published_metric_that_drops_every_series_is_a_sentence(
     tmp_path,
 ):
-    """Found at the start, not when the final test runs after the whole training."""
-    cfg = tiny_config(tmp_path, "data.batch_size=200", "data.test_metric=published")
-    with pytest.raises(TrainingError, match="drops every test series"):
-        train(cfg, run_dir=tmp_path / "run", progress=False)
-    assert not (tmp_path / "run/checkpoints").exists()
-    # a run trained with every_window, its checkpoint scored as published: a sentence
+    """A run trained with every_window, its checkpoint scored as published."""
     train(tiny_config(tmp_path, "data.batch_size=200"), run_dir=tmp_path / "ok", progress=False)
     loaded = load_for_inference(
         tmp_path / "ok/checkpoints/best.pt", overrides=["data.test_metric=published"]
