@@ -133,11 +133,7 @@ class SeriesErrors:
             sse, sae = sse[order], sae[order]
         kept = len(sse) // series_per_batch * series_per_batch
         if kept == 0:
-            raise WorkbenchError(
-                f"data.{split}_metric = published drops every {split} series: {len(sse)} series "
-                f"are fewer than one batch of {series_per_batch}; lower data.batch_size or use "
-                f"data.{split}_metric=every_window"
-            )
+            raise WorkbenchError(drops_every_series(split, len(sse), series_per_batch))
         values = kept * self.horizon
         return {
             "mse": float(sse[:kept].sum()) / values,
@@ -157,6 +153,15 @@ def published_series_per_batch(data: DataConfig, n_out: int, split: str) -> int:
     if getattr(data, f"{split}_metric") != "published":
         return 0
     return data.batch_size * (1 if data.sample_unit == "channel" else n_out)
+
+
+def drops_every_series(split: str, series: int, series_per_batch: int) -> str:
+    """Why a published metric cannot score a split of ``series`` series, and the fix."""
+    return (
+        f"data.{split}_metric = published drops every {split} series: {series} series are "
+        f"fewer than one batch of {series_per_batch}; lower data.batch_size or use "
+        f"data.{split}_metric=every_window"
+    )
 
 
 def validation_order(seed: tuple[int, int] | None) -> np.random.Generator | None:

@@ -18,7 +18,7 @@ from timellm_lib.config import Config
 from timellm_lib.data import build_datasets
 from timellm_lib.data.sampler import ResumableLoader
 from timellm_lib.data.windows import training_samples
-from timellm_lib.evaluation.metrics import published_series_per_batch
+from timellm_lib.evaluation.metrics import drops_every_series, published_series_per_batch
 from timellm_lib.models import TrainableModel, build_model
 from timellm_lib.training.distributed import World, distributed_session, from_main, on_main
 from timellm_lib.training.early_stopping import EarlyStopping
@@ -206,12 +206,8 @@ def _check_split_sizes(cfg: Config, datasets: Any, world: World) -> None:
     for split, windows in scored.items():
         published = published_series_per_batch(cfg.data, datasets.n_out, split)
         series = windows * datasets.n_out
-        if published and series < published:
-            raise TrainingError(  # found now, not when the first validation or the test runs
-                f"data.{split}_metric = published drops every {split} series: {series} series "
-                f"are fewer than one batch of {published}; lower data.batch_size or use "
-                f"data.{split}_metric=every_window"
-            )
+        if published and series < published:  # found now, not when the split is scored
+            raise TrainingError(drops_every_series(split, series, published))
 
 
 def pick_device(name: str) -> torch.device:
