@@ -273,9 +273,7 @@ def _validate(run: Run) -> None:
     over the ranks' shards first, so every rank takes the same EarlyStopping decision."""
     d = run.cfg.data
     windows = fixed_subset(run.datasets.val, d.val_subset, d.val_subset_seed)
-    batch = published_series_per_batch(d, run.datasets.n_out, "val")
-    order = (run.cfg.train.seed, run.state.global_step) if batch else None
-    metrics = _evaluate(run, windows, True, "val", batch, order)
+    metrics = _evaluate(run, windows, with_ema=True, split="val")
     run.model.train()
     improved = run.stopper.step(metrics["mse"])
     run.event(
@@ -297,27 +295,20 @@ def _test_epoch(run: Run) -> None:
     """``train.test_every_epoch``: the test score of the weights the epoch ended with (the
     ones validation scored), which the published code prints after every epoch; the run's
     reported test score stays that of best.pt."""
-    batch = published_series_per_batch(run.cfg.data, run.datasets.n_out, "test")
-    metrics = _evaluate(run, run.datasets.test, True, "test", batch)
+    metrics = _evaluate(run, run.datasets.test, with_ema=True, split="test")
     run.model.train()
     run.event("epoch_test", test_mse=metrics["mse"], test_mae=metrics["mae"])
 
 
-def _evaluate(
-    run: Run,
-    dataset: Any,
-    with_ema: bool,
-    split: str,
-    published_batch: int = 0,
-    shuffle_seed: tuple[int, int] | None = None,
-) -> dict[str, Any]:
-    """Window-weighted metrics (``published_batch`` > 0: the published metric of ``split``,
-    see :func:`evaluate`); ``with_ema`` uses the EMA weights when train.eval_with_ema. Each
-    rank of a distributed run scores its shard; the errors are summed. ``split`` also labels
-    the progress bar over the windows (shown where the training bar is)."""
+def _evaluate(run: Run, dataset: Any, with_ema: bool, split: str) -> dict[str, Any]:
+    """Window-weighted metrics, or the published metric where ``data.<split>_metric`` says
+    so (on val, in the order this validation draws: see ``validation_order``); ``with_ema``
+    uses the EMA weights when train.eval_with_ema. Each rank of a distributed run scores its
+    shard; the errors are summed. ``split`` also labels the progress bar over the windows
+    (shown where the training bar is)."""
     if with_ema and run.ema and run.cfg.train.eval_with_ema:
         with run.ema.applied(run.model):
-            return _evaluate(run, dataset, False, split, published_batch, shuffle_seed)
+            return _evaluate(run, dataset, False, split)
     world = run.world
     if world.distributed:
         dataset = Shard(dataset, world.rank, world.size)
@@ -329,9 +320,9 @@ def _evaluate(
         run.amp_dtype,
         all_sum=partial(all_sum, world) if world.distributed else None,
         progress=split if run.progress else None,
-        published_batch=published_batch,
+        published_batch=published_series_per_batch(run.cfg.data, run.datasets.n_out, split),
         split=split,
-        shuffle_seed=shuffle_seed,
+        shuffle_seed=(run.cfg.train.seed, run.state.global_step) if split == "val" else None,
     )
 
 
@@ -360,21 +351,18 @@ def _finish(run: Run) -> dict[str, Any]:
     anything during training). final.pt is resumable, and a run only counts as complete
     once eval_test.json exists too, so a crash between the two is repaired on resume."""
     _save_step(run, kind="final")
-    test, batch = (
-        run.datasets.test,
-        published_series_per_batch(run.cfg.data, run.datasets.n_out, "test"),
-    )
+    test = run.datasets.test
     best = run.ckpt_dir / "best.pt"
     if best.is_file():
         payload = load_checkpoint(best)
         load_model_weights(run.model, payload["model"])
         used, at_step = "best.pt", payload["global_step"]
         # best.pt holds the EMA weights if used
-        metrics = _evaluate(run, test, False, "test", batch)
+        metrics = _evaluate(run, test, with_ema=False, split="test")
     else:  # only after resuming from before a discarded best.pt without a new improvement
         log.warning("no best.pt; evaluating the test split with the final weights")
         used, at_step = "final.pt", run.state.global_step
-        metrics = _evaluate(run, test, True, "test", batch)
+        metrics = _evaluate(run, test, with_ema=True, split="test")
     result = {"split": "test", **metrics, "checkpoint": used, "checkpoint_global_step": at_step}
     MainWriter(run).test_result(result)
     return result
