@@ -234,7 +234,8 @@ def evaluate_loaded(
     ``batch_size`` (default ``data.eval_batch_size``) changes only the speed: scores are
     weighted by window, or with ``data.<split>_metric = published`` taken over the series
     the published loader keeps (``n_series_dropped`` says how many it drops; on val in the
-    order the trainer's validation at the checkpoint's global step drew).
+    order the trainer's validation at the checkpoint's global step drew, which gives that
+    validation's loss where it scored the whole split, not a ``data.val_subset``).
     """
     _check_split(split)
     cfg = loaded.cfg
