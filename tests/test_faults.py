@@ -103,6 +103,24 @@ def test_sigint_mid_epoch_stops_after_that_step_with_a_checkpoint(tmp_path):
     assert_same_run(tmp_path / "run", tmp_path / "reference")
 
 
+def test_a_signal_during_the_epoch_end_validation_stops_at_that_step(tmp_path):
+    """The signal is asked for after the evaluations: one that arrives while the epoch-end
+    validation runs stops the run at the end of that epoch, not one optimizer step later."""
+    cfg = tiny_config(tmp_path)  # 7 steps per epoch
+
+    def interrupt(record: dict) -> None:
+        if record["event"] == "val" and record["global_step"] == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    result = train(cfg, run_dir=tmp_path / "run", progress=False, on_event=interrupt)
+    assert (result.status, result.global_step, result.step_in_epoch) == ("interrupted", 7, 0)
+    assert _events(tmp_path / "run", "interrupt")[0]["global_step"] == 7
+
+    train(cfg, run_dir=tmp_path / "reference", progress=False)
+    train(cfg, run_dir=tmp_path / "run", resume="auto", progress=False)
+    assert_same_run(tmp_path / "run", tmp_path / "reference")
+
+
 # ---------------------------------------------------------------------------- failing saves
 
 

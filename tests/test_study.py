@@ -245,8 +245,8 @@ def continued_plan(**longer: object) -> dict:
 
 
 def test_a_row_that_continues_a_shorter_one_starts_from_its_finished_run(tmp_path, repo_root):
-    """`continues: short` trains after `short`, copies its finished run and resumes it with
-    more epochs: the numbers of training the long row from scratch, at a fraction of the cost,
+    """`continues: short` trains after `short`, starts from its finished run (checkpoints
+    hard-linked, log copied) and resumes it with more epochs: the numbers of training the long row from scratch, at a fraction of the cost,
     and the short row's run is left as it was."""
     plan = continued_plan()
     plan["overrides"].append("train.save_total_limit=100")  # the long run keeps short's too

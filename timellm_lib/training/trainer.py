@@ -179,15 +179,16 @@ def _loop(run: Run, loader: ResumableLoader, end_step: int, progress: bool) -> N
             if run.state.global_step % t.log_steps == 0 or "skipped" in stats:
                 run.event("train", lr=lr, aux_warmup=warmup, **stats)
                 bar.set_postfix(loss=f"{stats['loss']:.4g}")
-            if any_rank(run.world, run.signals.received is not None):
-                run.state.interrupted = True  # every rank stops after this same step
-                run.event("interrupt", signal=run.signals.received)
 
             end_of_epoch = run.position.step_in_epoch == 0
             if end_of_epoch or (t.eval_steps and run.state.global_step % t.eval_steps == 0):
                 _validate(run)  # -> val event, EarlyStopping, best.pt + its companion
             if end_of_epoch and t.test_every_epoch:
                 _test_epoch(run)
+            # asked after the evaluations, so a signal that arrived during one stops this step
+            if any_rank(run.world, run.signals.received is not None):
+                run.state.interrupted = True  # every rank stops after this same step
+                run.event("interrupt", signal=run.signals.received)
             stop = (
                 run.stopper.should_stop
                 or run.state.global_step >= end_step
