@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,22 @@ def test_cost_of_a_step_counts_the_series_the_trainer_draws(tmp_path, repo_root,
     )
     assert per_series["gflop_per_step"] == pytest.approx(per_window["gflop_per_step"], rel=0.05)
     assert per_series["trainable_params"] == per_window["trainable_params"]
+
+
+def test_cost_of_a_retrieval_model_step_is_measured_as_the_trainer_trains_it(
+    tmp_path, repo_root, monkeypatch
+):
+    """GRA-M gets the samples' positions (as from the trainer), so it never retrieves a
+    window's own future and warns of nothing."""
+    monkeypatch.chdir(repo_root)
+    cfg = load_config(
+        "configs/smoke.yaml",
+        [f"data.path={tmp_path / 'smoke.csv'}", "model.use_gram=true", "data.sample_unit=channel"],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cost = study.measure_cost(cfg)
+    assert cost["gflop_per_step"] > 0
 
 
 def continued_plan(**longer: object) -> dict:

@@ -358,7 +358,7 @@ def measure_cost(cfg: Config) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from timellm_lib.data import build_datasets, training_samples
-    from timellm_lib.data.sampler import fetch_batch
+    from timellm_lib.data.sampler import fetch_batch, sample_positions
     from timellm_lib.models import as_forecast, build_model
     from timellm_lib.notebooks.model_summary import parameter_table
 
@@ -371,9 +371,14 @@ def measure_cost(cfg: Config) -> dict[str, Any]:
         total = parameter_table(model).iloc[-1]
         # a micro-batch as the trainer draws it: batch_size windows, or series (sample_unit)
         samples = training_samples(datasets.train, cfg.data.sample_unit)
-        x, y = fetch_batch(samples, torch.arange(cfg.data.batch_size))
+        index = torch.arange(cfg.data.batch_size)
+        x, y = fetch_batch(samples, index)
+        # a retrieval model (GRA-M) gets the samples' positions, as the trainer passes them
+        extra = (
+            {"window_index": sample_positions(samples, index)} if model.needs_window_index else {}
+        )
         with FlopCounterMode(display=False) as counter:
-            out = as_forecast(model(x, y))
+            out = as_forecast(model(x, y, **extra))
             loss = F.mse_loss(out.pred.float(), y) + sum(out.aux_losses.values())
             loss.backward()
     return {
