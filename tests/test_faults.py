@@ -114,11 +114,14 @@ def test_a_signal_during_the_epoch_end_validation_stops_at_that_step(tmp_path):
 
     result = train(cfg, run_dir=tmp_path / "run", progress=False, on_event=interrupt)
     assert (result.status, result.global_step, result.step_in_epoch) == ("interrupted", 7, 0)
-    assert _events(tmp_path / "run", "interrupt")[0]["global_step"] == 7
+    events = read_metrics(tmp_path / "run/metrics.jsonl")
+    assert [e["event"] for e in events[-5:]] == ["val", "save", "save", "interrupt", "save"]
+    assert events[-1]["path"] == "checkpoints/step_00000007.pt"  # again, now with the event
 
     train(cfg, run_dir=tmp_path / "reference", progress=False)
     train(cfg, run_dir=tmp_path / "run", resume="auto", progress=False)
     assert_same_run(tmp_path / "run", tmp_path / "reference")
+    assert _events(tmp_path / "run", "interrupt")[0]["global_step"] == 7  # kept by the resume
 
 
 # ---------------------------------------------------------------------------- failing saves

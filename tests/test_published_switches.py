@@ -35,7 +35,7 @@ from timellm_lib.evaluation.metrics import (
     SeriesErrors,
     evaluate,
     forecasts,
-    published_series_per_batch,
+    published_metric,
 )
 from timellm_lib.models import build_model, model_params
 from timellm_lib.models.layers import RevIN
@@ -200,13 +200,14 @@ def test_published_test_metric_on_etth1_drops_the_last_incomplete_batch(etth1_pa
         [f"data.path={etth1_path}", "model.name=mlp", "train.device=cpu"],
     )
     datasets = build_datasets(cfg.data)
-    batch = published_series_per_batch(cfg.data, datasets.n_out, "test")
+    metric = published_metric(cfg, datasets.n_out, "test", global_step=0)
+    batch = metric.series_per_batch
     assert batch == 192
     series = len(datasets.test) * datasets.n_out
     assert series % batch != 0
     torch.manual_seed(0)
     model = build_model(cfg, datasets.n_in, datasets.n_out)
-    published = evaluate(model, datasets.test, 256, published_batch=batch)
+    published = evaluate(model, datasets.test, 256, published=metric)
     every = evaluate(model, datasets.test, 256)
     mse, mae, dropped = channel_major_scores(model, datasets.test, batch)
     assert published["mse"] == pytest.approx(mse, rel=1e-9)
@@ -231,7 +232,7 @@ def test_published_validation_shuffles_anew_and_drops_the_last_incomplete_batch(
     train(cfg, run_dir=tmp_path / "run", progress=False)
     vals = [e for e in read_metrics(tmp_path / "run/metrics.jsonl") if e["event"] == "val"]
     assert len(vals) == 2
-    batch = published_series_per_batch(cfg.data, 1, "val")
+    batch = published_metric(cfg, 1, "val", global_step=0).series_per_batch
     dropped = []
     for event in vals:
         step = event["global_step"]
@@ -336,8 +337,8 @@ def test_published_metric_of_shards_equals_the_whole_split(tmp_path):
     datasets = build_datasets(cfg.data)
     torch.manual_seed(0)
     model = build_model(cfg, datasets.n_in, datasets.n_out)
-    batch = published_series_per_batch(cfg.data, datasets.n_out, "test")
-    whole = evaluate(model, datasets.test, 64, published_batch=batch)
+    metric = published_metric(cfg, datasets.n_out, "test", global_step=0)
+    whole = evaluate(model, datasets.test, 64, published=metric)
     placed = []
     for rank in range(2):
         errors = SeriesErrors()
@@ -349,12 +350,14 @@ def test_published_metric_of_shards_equals_the_whole_split(tmp_path):
     merged.sse = [placed[0].sse[0] + placed[1].sse[0]]
     merged.sae = [placed[0].sae[0] + placed[1].sae[0]]
     merged.horizon = placed[0].horizon
-    got = merged.published(batch)
+    got = merged.published(metric)
     assert (got["mse"], got["mae"]) == pytest.approx((whole["mse"], whole["mae"]), rel=1e-12)
     assert {k: v for k, v in got.items() if k not in ("mse", "mae")} == {
         k: v for k, v in whole.items() if k not in ("mse", "mae")
     }
-    assert whole["n_series_dropped"] == len(datasets.test) * datasets.n_out % batch
+    assert (
+        whole["n_series_dropped"] == len(datasets.test) * datasets.n_out % metric.series_per_batch
+    )
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,7 @@ from timellm_lib.evaluation.metrics import (
     evaluate_report,
     forecasts,
     predict,
-    published_series_per_batch,
+    published_metric,
 )
 from timellm_lib.files import atomic_file, write_text_atomic
 from timellm_lib.models import build_model
@@ -247,9 +247,7 @@ def evaluate_loaded(
         batch_size or cfg.data.eval_batch_size,
         loaded.device,
         loaded.amp_dtype,
-        published_series_per_batch(cfg.data, len(loaded.channels), split),
-        split,
-        (cfg.train.seed, loaded.global_step) if split == "val" else None,
+        published_metric(cfg, len(loaded.channels), split, loaded.global_step),
     )
     result = {
         "split": split,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from timellm_lib.config import DataConfig
+from timellm_lib.config import Config
 from timellm_lib.data.sampler import Shard, Windows, eval_batches
 from timellm_lib.errors import WorkbenchError
 from timellm_lib.models.output import as_forecast
@@ -90,10 +91,53 @@ class ErrorTotals:
         return sse.sum(0) / values, sae.sum(0) / values
 
 
+@dataclass(frozen=True)
+class PublishedMetric:
+    """How the published loaders score ``split`` (``data.<split>_metric = published``): the
+    series (a channel of a window) in batches of ``series_per_batch``, the last incomplete
+    batch dropped. Test keeps the channel-major order (every window of channel 0, then of
+    channel 1, ...); the validation loader shuffles, a new order at every validation drawn from
+    ``shuffle_seed`` = (train.seed, global_step), so that a resumed run, and ``timellm eval
+    --split val`` of the checkpoint saved at that step, draw the same one."""
+
+    split: str
+    series_per_batch: int
+    shuffle_seed: tuple[int, int] | None = None
+
+    def order(self, series: int) -> np.ndarray | None:
+        """The positions of the ``series`` series in scoring order (None: as they are)."""
+        if self.shuffle_seed is None:
+            return None
+        return np.random.default_rng(list(self.shuffle_seed)).permutation(series)
+
+    def drops_every_series(self, series: int) -> str:
+        """Why a split of ``series`` series cannot be scored, and the fix."""
+        return (
+            f"data.{self.split}_metric = published drops every {self.split} series: {series} "
+            f"series are fewer than one batch of {self.series_per_batch}; lower "
+            f"data.batch_size or use data.{self.split}_metric=every_window"
+        )
+
+
+def published_metric(
+    cfg: Config, n_out: int, split: str, global_step: int
+) -> PublishedMetric | None:
+    """The published metric of ``split`` (val or test) for a model of ``n_out`` output channels
+    at ``global_step``, None when ``data.<split>_metric`` is ``every_window``. A batch holds
+    the series of one training batch: ``data.batch_size`` with ``sample_unit = channel`` (the
+    published 8 x 24 = 192), else ``batch_size`` windows of ``n_out`` channels."""
+    data = cfg.data
+    if getattr(data, f"{split}_metric") != "published":
+        return None
+    per_batch = data.batch_size * (1 if data.sample_unit == "channel" else n_out)
+    shuffle_seed = (cfg.train.seed, global_step) if split == "val" else None
+    return PublishedMetric(split, per_batch, shuffle_seed)
+
+
 class SeriesErrors:
     """Squared and absolute errors summed over the horizon per (window, output channel), in
-    window order: the published test metric (``data.test_metric = published``) drops series,
-    so it needs each series' errors, not only their totals."""
+    window order: a published metric (:class:`PublishedMetric`) drops series, so it needs
+    each series' errors, not only their totals."""
 
     def __init__(self) -> None:
         self.sse: list[np.ndarray] = []  # [B, C] per batch
@@ -116,24 +160,17 @@ class SeriesErrors:
         full = all_sum(full.ravel()).reshape(full.shape)
         self.sse, self.sae = [full[0]], [full[1]]
 
-    def published(
-        self,
-        series_per_batch: int,
-        shuffle: np.random.Generator | None = None,
-        split: str = "test",
-    ) -> dict[str, float | int]:
-        """The published loaders' score: series (a channel of a window) in channel-major
-        order (every window of channel 0, then of channel 1, ...), or in the order of
-        ``shuffle.permutation`` (the published validation loader shuffles), batches of
-        ``series_per_batch``, the last incomplete batch dropped, the mean of the batch means
-        (all batches equal in size: the mean over the kept series)."""
+    def published(self, metric: PublishedMetric) -> dict[str, float | int]:
+        """The score ``metric`` gives: the series in its order, batches of its size, the last
+        incomplete batch dropped, the mean of the batch means (all batches equal in size: the
+        mean over the kept series)."""
         sse, sae = np.concatenate(self.sse).T.ravel(), np.concatenate(self.sae).T.ravel()
-        if shuffle is not None:
-            order = shuffle.permutation(len(sse))
+        order = metric.order(len(sse))
+        if order is not None:
             sse, sae = sse[order], sae[order]
-        kept = len(sse) // series_per_batch * series_per_batch
+        kept = len(sse) // metric.series_per_batch * metric.series_per_batch
         if kept == 0:
-            raise WorkbenchError(drops_every_series(split, len(sse), series_per_batch))
+            raise WorkbenchError(metric.drops_every_series(len(sse)))
         values = kept * self.horizon
         return {
             "mse": float(sse[:kept].sum()) / values,
@@ -141,34 +178,8 @@ class SeriesErrors:
             "n_windows": int(sum(len(a) for a in self.sae)),
             "n_series": int(len(sse)),
             "n_series_dropped": int(len(sse) - kept),
-            f"{split}_metric": "published",
+            f"{metric.split}_metric": "published",
         }
-
-
-def published_series_per_batch(data: DataConfig, n_out: int, split: str) -> int:
-    """Series in one batch of the published metric of ``split`` (val or test), 0 when
-    ``data.<split>_metric`` is ``every_window``: those of one training batch,
-    ``data.batch_size`` with ``sample_unit = channel`` (the published 8 x 24 = 192), else
-    ``batch_size`` windows of ``n_out`` channels."""
-    if getattr(data, f"{split}_metric") != "published":
-        return 0
-    return data.batch_size * (1 if data.sample_unit == "channel" else n_out)
-
-
-def drops_every_series(split: str, series: int, series_per_batch: int) -> str:
-    """Why a published metric cannot score a split of ``series`` series, and the fix."""
-    return (
-        f"data.{split}_metric = published drops every {split} series: {series} series are "
-        f"fewer than one batch of {series_per_batch}; lower data.batch_size or use "
-        f"data.{split}_metric=every_window"
-    )
-
-
-def validation_order(seed: tuple[int, int] | None) -> np.random.Generator | None:
-    """The shuffle of the published validation loader (``data.val_metric = published``): a
-    new order at every validation, drawn from ``(train.seed, global_step)`` so that a resumed
-    run, and ``timellm eval --split val`` of the checkpoint saved there, draw the same one."""
-    return None if seed is None else np.random.default_rng(list(seed))
 
 
 def autocast(device: torch.device | str, dtype: torch.dtype | None) -> AbstractContextManager:
@@ -222,23 +233,20 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     all_sum: Callable[[np.ndarray], np.ndarray] | None = None,
     progress: str | None = None,
-    published_batch: int = 0,
-    split: str = "test",
-    shuffle_seed: tuple[int, int] | None = None,
+    published: PublishedMetric | None = None,
 ) -> dict[str, float | int]:
     """Window-weighted ``mse``, ``mae`` and ``n_windows`` of ``model`` on ``dataset``
     (scaled space; what the trainer validates with).
 
-    ``published_batch`` B > 0: the published metric of ``split`` instead (see
-    :meth:`SeriesErrors.published`; ``shuffle_seed``: the validation loader's order, see
-    :func:`validation_order`), with ``n_series`` and ``n_series_dropped``.
+    ``published``: that metric instead (see :class:`PublishedMetric`), with ``n_series`` and
+    ``n_series_dropped``.
 
     ``amp_dtype`` is the autocast precision of the forward (the training one), if any.
     ``all_sum`` (distributed runs): ``dataset`` is this process's shard, and the totals are
     summed over all processes before the metrics are taken (see :meth:`ErrorTotals.combine`).
     ``progress``: the label of a progress bar over the windows (None: no bar).
     """
-    if published_batch:
+    if published:
         series = SeriesErrors()
         for pred, y in forecasts(model, dataset, batch_size, device, amp_dtype, progress):
             series.add(pred, y)
@@ -246,7 +254,7 @@ def evaluate(
             whole = dataset.dataset if isinstance(dataset, Shard) else dataset
             start = dataset.start if isinstance(dataset, Shard) else 0
             series.combine(all_sum, start, len(whole))
-        return series.published(published_batch, validation_order(shuffle_seed), split)
+        return series.published(published)
     totals = ErrorTotals()
     for pred, y in forecasts(model, dataset, batch_size, device, amp_dtype, progress):
         totals.add(pred, y)
@@ -263,9 +271,7 @@ def evaluate_report(
     batch_size: int,
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
-    published_batch: int = 0,
-    split: str = "test",
-    shuffle_seed: tuple[int, int] | None = None,
+    published: PublishedMetric | None = None,
 ) -> dict[str, Any]:
     """Scores in the scaled and the original space, overall, per horizon step and per channel.
 
@@ -275,11 +281,9 @@ def evaluate_report(
     mse_original, mae_original}``, step 1 first) and ``per_channel`` (``{name: {mse, mae,
     mse_original, mae_original}}``).
 
-    ``published_batch`` B > 0 (``data.<split>_metric = published``): the overall scores of
-    both spaces are the published metric of ``split`` (:meth:`SeriesErrors.published`, the
-    series shuffled by :func:`validation_order` of ``shuffle_seed`` where given), with
-    ``n_series``, ``n_series_dropped`` and ``<split>_metric``; per step and per channel stay
-    over every window.
+    ``published`` (:class:`PublishedMetric`): the overall scores of both spaces are that
+    metric's, with ``n_series``, ``n_series_dropped`` and ``<split>_metric``; per step and per
+    channel stay over every window.
     """
     scaled, original = ErrorTotals(), ErrorTotals()
     series, series_original = SeriesErrors(), SeriesErrors()
@@ -288,27 +292,19 @@ def evaluate_report(
         y_original = scaler.inverse_transform(y.double(), channels)
         scaled.add(pred, y)
         original.add(pred_original, y_original)
-        if published_batch:
+        if published:
             series.add(pred, y)
             series_original.add(pred_original, y_original)
-    overall = scaled.metrics()
-    overall_original = original.metrics()
-    if published_batch:
-        overall, overall_original = (
-            errors.published(published_batch, validation_order(shuffle_seed), split)
-            for errors in (series, series_original)
-        )
+    overall, overall_original = scaled.metrics(), original.metrics()
+    if published:
+        overall = series.published(published)
+        overall_original = series_original.published(published)
     return {
         "mse": overall["mse"],
         "mae": overall["mae"],
         "mse_original": overall_original["mse"],
         "mae_original": overall_original["mae"],
-        "n_windows": overall["n_windows"],
-        **{
-            k: overall[k]
-            for k in ("n_series", "n_series_dropped", f"{split}_metric")
-            if k in overall
-        },
+        **{k: v for k, v in overall.items() if k not in ("mse", "mae")},
         **_breakdown(scaled, original, channels),
     }
 

@@ -18,7 +18,7 @@ from timellm_lib.config import Config
 from timellm_lib.data import build_datasets
 from timellm_lib.data.sampler import ResumableLoader
 from timellm_lib.data.windows import training_samples
-from timellm_lib.evaluation.metrics import drops_every_series, published_series_per_batch
+from timellm_lib.evaluation.metrics import published_metric
 from timellm_lib.models import TrainableModel, build_model
 from timellm_lib.training.distributed import World, distributed_session, from_main, on_main
 from timellm_lib.training.early_stopping import EarlyStopping
@@ -204,10 +204,10 @@ def _check_split_sizes(cfg: Config, datasets: Any, world: World) -> None:
     scored = {"val": min(len(datasets.val), cfg.data.val_subset or len(datasets.val))}
     scored["test"] = len(datasets.test)
     for split, windows in scored.items():
-        published = published_series_per_batch(cfg.data, datasets.n_out, split)
+        published = published_metric(cfg, datasets.n_out, split, global_step=0)
         series = windows * datasets.n_out
-        if published and series < published:  # found now, not when the split is scored
-            raise TrainingError(drops_every_series(split, series, published))
+        if published and series < published.series_per_batch:  # now, not when it is scored
+            raise TrainingError(published.drops_every_series(series))
 
 
 def pick_device(name: str) -> torch.device:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from timellm_lib.config import Config
 from timellm_lib.data.sampler import ResumableLoader, Shard, fixed_subset
-from timellm_lib.evaluation.metrics import autocast, evaluate, published_series_per_batch
+from timellm_lib.evaluation.metrics import autocast, evaluate, published_metric
 from timellm_lib.files import write_text_atomic
 from timellm_lib.models.output import as_forecast
 from timellm_lib.training.checkpoint import (
@@ -179,16 +179,15 @@ def _loop(run: Run, loader: ResumableLoader, end_step: int, progress: bool) -> N
             if run.state.global_step % t.log_steps == 0 or "skipped" in stats:
                 run.event("train", lr=lr, aux_warmup=warmup, **stats)
                 bar.set_postfix(loss=f"{stats['loss']:.4g}")
+            _note_stop_signal(run)
 
             end_of_epoch = run.position.step_in_epoch == 0
             if end_of_epoch or (t.eval_steps and run.state.global_step % t.eval_steps == 0):
                 _validate(run)  # -> val event, EarlyStopping, best.pt + its companion
             if end_of_epoch and t.test_every_epoch:
                 _test_epoch(run)
-            # asked after the evaluations, so a signal that arrived during one stops this step
-            if any_rank(run.world, run.signals.received is not None):
-                run.state.interrupted = True  # every rank stops after this same step
-                run.event("interrupt", signal=run.signals.received)
+            if _note_stop_signal(run):  # arrived during the evaluations: stop at this step too,
+                run.state.last_saved_step = -1  # with a checkpoint whose log holds the event
             stop = (
                 run.stopper.should_stop
                 or run.state.global_step >= end_step
@@ -200,6 +199,16 @@ def _loop(run: Run, loader: ResumableLoader, end_step: int, progress: bool) -> N
             if stop:
                 break
     bar.close()
+
+
+def _note_stop_signal(run: Run) -> bool:
+    """True when a stop signal has just reached any rank: the run is marked interrupted (every
+    rank stops after this same step) and an ``interrupt`` event logged, once."""
+    if run.state.interrupted or not any_rank(run.world, run.signals.received is not None):
+        return False
+    run.state.interrupted = True
+    run.event("interrupt", signal=run.signals.received)
+    return True
 
 
 def _optimizer_step(run: Run, micro_batches: list, warmup: float) -> dict[str, float] | None:
@@ -303,7 +312,7 @@ def _test_epoch(run: Run) -> None:
 
 def _evaluate(run: Run, dataset: Any, with_ema: bool, split: str) -> dict[str, Any]:
     """Window-weighted metrics, or the published metric where ``data.<split>_metric`` says
-    so (on val, in the order this validation draws: see ``validation_order``); ``with_ema``
+    so (on val, in the order this validation draws: see ``PublishedMetric``); ``with_ema``
     uses the EMA weights when train.eval_with_ema. Each rank of a distributed run scores its
     shard; the errors are summed. ``split`` also labels the progress bar over the windows
     (shown where the training bar is)."""
@@ -321,9 +330,7 @@ def _evaluate(run: Run, dataset: Any, with_ema: bool, split: str) -> dict[str, A
         run.amp_dtype,
         all_sum=partial(all_sum, world) if world.distributed else None,
         progress=split if run.progress else None,
-        published_batch=published_series_per_batch(run.cfg.data, run.datasets.n_out, split),
-        split=split,
-        shuffle_seed=(run.cfg.train.seed, run.state.global_step) if split == "val" else None,
+        published=published_metric(run.cfg, run.datasets.n_out, split, run.state.global_step),
     )
 
 
