@@ -182,12 +182,15 @@ def _loop(run: Run, loader: ResumableLoader, end_step: int, progress: bool) -> N
             _note_stop_signal(run)
 
             end_of_epoch = run.position.step_in_epoch == 0
-            if end_of_epoch or (t.eval_steps and run.state.global_step % t.eval_steps == 0):
+            validates = end_of_epoch or (t.eval_steps and run.state.global_step % t.eval_steps == 0)
+            if validates:
                 _validate(run)  # -> val event, EarlyStopping, best.pt + its companion
             if end_of_epoch and t.test_every_epoch:
                 _test_epoch(run)
-            if _note_stop_signal(run):  # arrived during the evaluations: stop at this step too,
-                run.state.last_saved_step = -1  # with a checkpoint whose log holds the event
+            # a signal that arrived during the evaluations stops this step too, with a checkpoint
+            # (written again if best.pt's companion was) whose log holds the interrupt event
+            if validates and _note_stop_signal(run):
+                run.state.last_saved_step = -1
             stop = (
                 run.stopper.should_stop
                 or run.state.global_step >= end_step
