@@ -88,6 +88,12 @@ def _add_checkpoint_commands(sub: Any) -> None:
     p = sub.add_parser("eval", help="score a checkpoint on val or test, per step and channel")
     _add_checkpoint_args(p)
     p.add_argument("--split", default="test", choices=["val", "test"], help="(test)")
+    p.add_argument(
+        "--whole-split",
+        action="store_true",
+        help="val: every window, also where the run validated on a data.val_subset (written "
+        "as eval_val_all*.json)",
+    )
     p.add_argument("--batch-size", type=int, metavar="N", help="windows per forward")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 

@@ -38,6 +38,7 @@ from torch import nn
 from timellm_lib.config import Config, checkpoint_config, load_config
 from timellm_lib.data import Datasets, Scaler, build_datasets, read_series
 from timellm_lib.data.loaders import scale_to_float32
+from timellm_lib.data.sampler import fixed_subset
 from timellm_lib.data.windows import DataError
 from timellm_lib.errors import WorkbenchError
 from timellm_lib.evaluation.metrics import (
@@ -216,32 +217,41 @@ def evaluate_checkpoint(
     batch_size: int | None = None,
     device: str = "cpu",
     write: bool = True,
+    whole_split: bool = False,
 ) -> dict[str, Any]:
     """Load checkpoint ``path`` and score it on ``split`` (see :func:`evaluate_loaded`)."""
-    _check_split(split)  # before the model is loaded: a typo should cost nothing
-    return evaluate_loaded(load_for_inference(path, device), split, batch_size, write)
+    _check_split(split, whole_split)  # before the model is loaded: a typo should cost nothing
+    return evaluate_loaded(load_for_inference(path, device), split, batch_size, write, whole_split)
 
 
 def evaluate_loaded(
-    loaded: Loaded, split: str = "test", batch_size: int | None = None, write: bool = True
+    loaded: Loaded,
+    split: str = "test",
+    batch_size: int | None = None,
+    write: bool = True,
+    whole_split: bool = False,
 ) -> dict[str, Any]:
     """Score a loaded checkpoint on ``split`` (val or test); see
     :func:`timellm_lib.evaluation.evaluate_report` for the fields, plus ``split``,
-    ``checkpoint`` (its path relative to the run directory), ``kind``, ``global_step`` and
-    ``weights``. With ``write`` the result also goes to the run directory, as
+    ``checkpoint`` (its path relative to the run directory), ``kind``, ``global_step``,
+    ``weights`` and on val ``val_subset`` (the windows scored where the run validated on a
+    ``data.val_subset``, else 0). With ``write`` the result also goes to the run directory, as
     :func:`eval_file_name` names it.
 
-    ``batch_size`` (default ``data.eval_batch_size``) changes only the speed: scores are
-    weighted by window, or with ``data.<split>_metric = published`` taken over the series
-    the published loader keeps (``n_series_dropped`` says how many it drops; on val in the
-    order the trainer's validation at the checkpoint's global step drew, which gives that
-    validation's loss where it scored the whole split, not a ``data.val_subset``).
+    Val is scored as the trainer validated: on the run's fixed ``data.val_subset`` where it
+    has one (``whole_split``: every window, written as ``eval_val_all*.json``), and with
+    ``data.val_metric = published`` in the order the validation at the checkpoint's global
+    step drew, so best.pt gives the loss of the validation that saved it. Test is always
+    whole. ``batch_size`` (default ``data.eval_batch_size``) changes only the speed.
     """
-    _check_split(split)
+    _check_split(split, whole_split)
     cfg = loaded.cfg
+    windows = loaded.datasets.split(split)
+    if split == "val" and not whole_split:
+        windows = fixed_subset(windows, cfg.data.val_subset, cfg.data.val_subset_seed)
     report = evaluate_report(
         loaded.model,
-        loaded.datasets.split(split),
+        windows,
         loaded.datasets.scaler,
         loaded.channels,
         batch_size or cfg.data.eval_batch_size,
@@ -258,8 +268,11 @@ def evaluate_loaded(
         "checkpoint_global_step": loaded.global_step,  # the trainer's name for the same field
         "weights": loaded.weights,
     }
+    if split == "val":
+        whole = len(loaded.datasets.val)
+        result["val_subset"] = len(windows) if len(windows) < whole else 0
     if write:
-        target = loaded.run_dir / eval_file_name(loaded.path, split)
+        target = loaded.run_dir / eval_file_name(loaded.path, split, whole_split)
         try:
             write_text_atomic(target, json.dumps(result, indent=2) + "\n")
         except OSError as err:
@@ -270,14 +283,16 @@ def evaluate_loaded(
     return result
 
 
-def eval_file_name(checkpoint: Path, split: str) -> str:
+def eval_file_name(checkpoint: Path, split: str, whole_split: bool = False) -> str:
     """``eval_<split>.json`` is the run's official result, that of best.pt (the trainer
     writes it); any other checkpoint's scores go beside it under their own name,
-    ``eval_<split>.<checkpoint stem>.json``, and never replace it."""
+    ``eval_<split>.<checkpoint stem>.json``, and never replace it. Val scored whole where the
+    run may have validated on a subset is ``eval_val_all...``."""
     checkpoint = Path(checkpoint)
+    label = f"{split}_all" if whole_split else split
     if checkpoint.name == "best.pt":
-        return f"eval_{split}.json"
-    return f"eval_{split}.{checkpoint.stem}.json"
+        return f"eval_{label}.json"
+    return f"eval_{label}.{checkpoint.stem}.json"
 
 
 def check_can_write(folder: Path, what: str) -> None:
@@ -290,9 +305,14 @@ def check_can_write(folder: Path, what: str) -> None:
         )
 
 
-def _check_split(split: str) -> None:
+def _check_split(split: str, whole_split: bool = False) -> None:
     if split not in ("val", "test"):
         raise InferenceError(f"split {split!r} cannot be evaluated; choose val or test")
+    if whole_split and split != "val":
+        raise InferenceError(
+            "--whole-split applies to --split val (the test split is always scored whole); "
+            "leave it out"
+        )
 
 
 def format_report(result: dict[str, Any]) -> str:
@@ -506,12 +526,14 @@ def run_eval(args: argparse.Namespace) -> int:
     """Evaluate, write ``eval_<split>.json`` into the run directory and print the scores."""
     if args.batch_size is not None and args.batch_size < 1:
         raise InferenceError(f"--batch-size {args.batch_size} must be at least 1")
-    _check_split(args.split)
+    _check_split(args.split, args.whole_split)
     ckpt = Path(args.ckpt)
     if ckpt.is_file():  # else loading says what is wrong
-        target = run_dir_of(ckpt) / eval_file_name(ckpt, args.split)
+        target = run_dir_of(ckpt) / eval_file_name(ckpt, args.split, args.whole_split)
         check_can_write(target.parent, f"the scores file {target}")
-    result = evaluate_checkpoint(args.ckpt, args.split, args.batch_size, args.device)
+    result = evaluate_checkpoint(
+        args.ckpt, args.split, args.batch_size, args.device, whole_split=args.whole_split
+    )
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0
 
