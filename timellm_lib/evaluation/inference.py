@@ -268,9 +268,8 @@ def evaluate_loaded(
         "checkpoint_global_step": loaded.global_step,  # the trainer's name for the same field
         "weights": loaded.weights,
     }
-    if split == "val":
-        whole = len(loaded.datasets.val)
-        result["val_subset"] = len(windows) if len(windows) < whole else 0
+    if split == "val":  # fixed_subset gives the split itself where it is scored whole
+        result["val_subset"] = 0 if windows is loaded.datasets.val else len(windows)
     if write:
         target = loaded.run_dir / eval_file_name(loaded.path, split, whole_split)
         try:
