@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from timellm_lib.config import DataConfig
+from timellm_lib.data.sampler import Windows, fixed_subset
 from timellm_lib.data.synthetic import ensure_synthetic_csv
 from timellm_lib.data.windows import DataError, Scaler, WindowDataset
 
@@ -64,6 +65,12 @@ class Datasets:
         if name not in ("train", "val", "test"):
             raise ValueError(f"unknown split {name!r}; choose train, val or test")
         return getattr(self, name)
+
+    def validation_windows(self, data: DataConfig) -> Windows:
+        """The val windows a validation scores: all of them, or the fixed subset of
+        ``data.val_subset`` windows drawn from ``data.val_subset_seed`` (:func:`fixed_subset`);
+        the trainer, its size check and ``timellm eval --split val`` all take them from here."""
+        return fixed_subset(self.val, data.val_subset, data.val_subset_seed)
 
     def inference_state(self) -> dict[str, Any]:
         """What reading the model's inputs and outputs needs besides the weights: the scaler

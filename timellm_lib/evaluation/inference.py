@@ -38,7 +38,6 @@ from torch import nn
 from timellm_lib.config import Config, checkpoint_config, load_config
 from timellm_lib.data import Datasets, Scaler, build_datasets, read_series
 from timellm_lib.data.loaders import scale_to_float32
-from timellm_lib.data.sampler import fixed_subset
 from timellm_lib.data.windows import DataError
 from timellm_lib.errors import WorkbenchError
 from timellm_lib.evaluation.metrics import (
@@ -248,7 +247,7 @@ def evaluate_loaded(
     cfg = loaded.cfg
     windows = loaded.datasets.split(split)
     if split == "val" and not whole_split:
-        windows = fixed_subset(windows, cfg.data.val_subset, cfg.data.val_subset_seed)
+        windows = loaded.datasets.validation_windows(cfg.data)
     report = evaluate_report(
         loaded.model,
         windows,

@@ -201,8 +201,7 @@ def _check_split_sizes(cfg: Config, datasets: Any, world: World) -> None:
                 f"the {split} split has {len(getattr(datasets, split))} windows, fewer than "
                 f"the {k} processes that share its evaluation; use more data or fewer processes"
             )
-    scored = {"val": min(len(datasets.val), cfg.data.val_subset or len(datasets.val))}
-    scored["test"] = len(datasets.test)
+    scored = {"val": len(datasets.validation_windows(cfg.data)), "test": len(datasets.test)}
     for split, windows in scored.items():
         published = published_metric(cfg, datasets.n_out, split, global_step=0)
         series = windows * datasets.n_out

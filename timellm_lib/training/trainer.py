@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from timellm_lib.config import Config
-from timellm_lib.data.sampler import ResumableLoader, Shard, fixed_subset
+from timellm_lib.data.sampler import ResumableLoader, Shard
 from timellm_lib.evaluation.metrics import autocast, evaluate, published_metric
 from timellm_lib.files import write_text_atomic
 from timellm_lib.models.output import as_forecast
@@ -284,8 +284,7 @@ def _validate(run: Run) -> None:
     """Validation loss over the val windows (all, or the fixed subset of data.val_subset),
     EarlyStopping update, best.pt on improvement. In a distributed run the loss is summed
     over the ranks' shards first, so every rank takes the same EarlyStopping decision."""
-    d = run.cfg.data
-    windows = fixed_subset(run.datasets.val, d.val_subset, d.val_subset_seed)
+    windows = run.datasets.validation_windows(run.cfg.data)
     metrics = _evaluate(run, windows, with_ema=True, split="val")
     run.model.train()
     improved = run.stopper.step(metrics["mse"])
